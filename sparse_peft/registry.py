@@ -1,0 +1,193 @@
+"""The one place that touches PEFT internals: PeftType members, method registration, atomic adapter writes.
+
+PEFT 0.21 has no plugin discovery. A method becomes a first-class PEFT method when
+
+1. ``peft.utils.PeftType`` has a real enum member for it (transformers calls ``peft_type.value``), and
+2. ``peft.utils.register_peft_method`` has put its config, tuner and prefix into PEFT's four mappings.
+
+``PeftType`` is a ``(str, Enum)`` that cannot be subclassed, so :func:`add_peft_type` binds a new member the way the
+enum machinery itself does, then verifies every lookup PEFT, transformers, ``copy`` and ``pickle`` use, so a change
+of enum internals in a future Python fails loudly at import instead of misbehaving later.
+
+Our type values are namespaced (``SPARSE_PEFT_LIFT``) so they cannot collide with a method upstream PEFT may add, and
+so that a bare ``KeyError: 'SPARSE_PEFT_LIFT'`` from a process that forgot ``import sparse_peft`` names its cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from peft.mapping import (
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+)
+from peft.utils import PeftType, register_peft_method
+
+NAMESPACE = "SPARSE_PEFT_"
+
+
+class RegistrationError(RuntimeError):
+    """A PEFT type name or prefix is already taken by someone else."""
+
+
+def _bind_member(value: str) -> PeftType:
+    member = str.__new__(PeftType, value)
+    member._name_ = value
+    member._value_ = value
+    member.__objclass__ = PeftType
+    member._sort_order_ = len(PeftType._member_names_)
+    add_member = getattr(type(PeftType), "_add_member_", None)
+    if add_member is not None:  # CPython >= 3.12 binds the attribute and _member_map_ itself
+        add_member(PeftType, value, member)
+    else:  # CPython 3.10 / 3.11: what enum's member descriptor does at class creation
+        type.__setattr__(PeftType, value, member)
+        PeftType._member_map_[value] = member
+    PeftType._member_names_.append(value)
+    PeftType._value2member_map_[value] = member
+    return member
+
+
+def _self_check(member: PeftType, value: str) -> None:
+    checks = {
+        "PeftType(value)": lambda: PeftType(value) is member,
+        "PeftType[value]": lambda: PeftType[value] is member,
+        "getattr(PeftType, value)": lambda: getattr(PeftType, value) is member,
+        "member in list(PeftType)": lambda: member in list(PeftType),
+        "member == value": lambda: member == value and member.value == value,
+    }
+    failed = [name for name, check in checks.items() if not _safe(check)]
+    if failed:
+        raise RegistrationError(
+            f"sparse_peft could not add {value!r} to peft.utils.PeftType: {', '.join(failed)} failed. The enum "
+            f"internals of this Python/PEFT combination differ from the supported ones (CPython 3.10-3.13, peft 0.21)."
+        )
+
+
+def _safe(check: Callable[[], bool]) -> bool:
+    try:
+        return bool(check())
+    except Exception:
+        return False
+
+
+def add_peft_type(value: str) -> PeftType:
+    """Add ``value`` as a member of ``peft.utils.PeftType`` (idempotent) and verify it."""
+    if value != value.upper():
+        raise ValueError(f"PEFT type values are upper case, got {value!r}")
+    member = PeftType._value2member_map_.get(value)
+    if member is None:
+        if value in PeftType.__dict__:
+            raise RegistrationError(f"peft.utils.PeftType already has an attribute named {value!r}")
+        member = _bind_member(value)
+    _self_check(member, value)
+    return member
+
+
+def register_method(name: str, config_cls: type, model_cls: type) -> PeftType:
+    """Register a method as ``SPARSE_PEFT_<NAME>`` with prefix ``sparse_peft_<name>_``.
+
+    Re-registering the same classes is a no-op (re-import, ``importlib.reload``); a type or prefix that someone else
+    already registered raises :class:`RegistrationError` instead of being hijacked.
+    """
+    method = f"{NAMESPACE}{name}".lower()
+    peft_type = add_peft_type(method.upper())
+    prefix = f"{method}_"
+    existing = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+    if existing is not None:
+        if _same_class(existing, config_cls) and _same_class(PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type), model_cls):
+            PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+            PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
+            return peft_type
+        raise RegistrationError(
+            f"PEFT type {peft_type.value} is already registered by {existing.__module__}.{existing.__qualname__}; "
+            f"uninstall the conflicting package or do not import both"
+        )
+    owner = next((t for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == prefix), None)
+    if owner is not None:  # PEFT itself only checks the keys, not the prefixes
+        raise RegistrationError(f"adapter prefix {prefix!r} is already used by PEFT type {owner}")
+    if peft_type in PEFT_TYPE_TO_MIXED_MODEL_MAPPING:
+        raise RegistrationError(f"PEFT type {peft_type.value} already has a mixed-model entry")
+    register_peft_method(name=method, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
+    return peft_type
+
+
+def _same_class(a: type | None, b: type) -> bool:
+    """Equal, or the same class re-created by a module reload."""
+    return a is b or (a is not None and (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__))
+
+
+def atomic_write(path: str, write: Callable[[str], Any]) -> None:
+    """Write a file through a temporary name in the same folder, then rename it over ``path`` in one step.
+
+    A crash or a full disk leaves either the old file or the new one, never a half-written file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def _atomic_safe_save(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def save_file(tensors: dict, filename: str, *args: Any, **kwargs: Any) -> None:
+        atomic_write(str(filename), lambda tmp: original(tensors, tmp, *args, **kwargs))
+
+    save_file._sparse_peft_atomic = True  # type: ignore[attr-defined]
+    return save_file
+
+
+def _clear_load_errors(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def load_file(filename: str, *args: Any, **kwargs: Any) -> dict:
+        try:
+            return original(filename, *args, **kwargs)
+        except Exception as error:  # safetensors raises its own SafetensorError type
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise ValueError(
+                f"adapter weights file {filename!r} is corrupted or truncated ({error}). Re-save the adapter, or "
+                f"load it from an earlier checkpoint directory; adapter files written by sparse_peft are replaced "
+                f"atomically, so a partial file points to a copy or a transfer that did not finish."
+            ) from error
+
+    load_file._sparse_peft_atomic = True  # type: ignore[attr-defined]
+    return load_file
+
+
+def install_io_guards() -> None:
+    """Make PEFT's adapter writes atomic and its corrupted-file errors explicit (idempotent).
+
+    PEFT writes ``adapter_model.safetensors`` straight to its final name; we route its ``safe_save_file`` through
+    :func:`atomic_write` and its ``safe_load_file`` through an error that names the file and the fix. Both wrappers
+    keep behaviour identical otherwise. If PEFT's internals move, this warns and leaves PEFT untouched.
+    """
+    import peft.peft_model
+    import peft.utils.save_and_load
+
+    targets = [
+        (peft.peft_model, "safe_save_file", _atomic_safe_save),
+        (peft.utils.save_and_load, "safe_load_file", _clear_load_errors),
+    ]
+    for module, attr, wrap in targets:
+        original = getattr(module, attr, None)
+        if original is None:
+            warnings.warn(f"sparse_peft: {module.__name__}.{attr} not found; adapter I/O guards not installed")
+            continue
+        if not getattr(original, "_sparse_peft_atomic", False):
+            setattr(module, attr, wrap(original))

@@ -1,0 +1,139 @@
+"""PEFT glue shared by every sparse_peft method: the config base, the tuner base and the Linear check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+import torch
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import PeftType, resolve_quantization_backend
+from torch import nn
+
+from .._version import __version__
+
+
+@dataclass
+class SparseConfig(PeftConfig):
+    """Fields every sparse_peft method shares (PEFT's usual targeting fields plus provenance).
+
+    Subclasses set the class variable ``method`` (e.g. ``"lift"``); the PEFT type is ``SPARSE_PEFT_<METHOD>``.
+    """
+
+    method: ClassVar[str] = ""
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default="all-linear",
+        metadata={"help": "Module names or a regex to adapt; 'all-linear' = every linear layer except the LM head."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to leave alone."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list, used with layers_to_transform."}
+    )
+    target_parameters: Optional[list[str]] = field(
+        default=None, metadata={"help": "Unsupported by sparse_peft methods; must stay None."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained densely and saved in full, e.g. a classifier head."}
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None, metadata={"help": "Token rows of the embedding to train (set by TRL when it adds tokens)."}
+    )
+    bias: str = field(default="none", metadata={"help": "'none', 'all' or '<prefix>only': which biases to train."})
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: the adapter starts as the identity (zero delta). False: random, for tests."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for tie-breaking and any random selection."})
+    sparse_peft_version: str = field(
+        default=__version__, metadata={"help": "Version of sparse_peft that created the adapter (provenance)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = getattr(PeftType, f"SPARSE_PEFT_{self.method.upper()}")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, set(value))
+        if self.target_parameters:
+            raise ValueError(f"{type(self).__name__}.target_parameters is not supported; use target_modules instead")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(f"{type(self).__name__}.layers_pattern needs layers_to_transform as well")
+
+    @staticmethod
+    def _check_fraction(owner: str, name: str, value: Optional[float]) -> None:
+        if value is not None and not 0.0 < value <= 1.0:
+            raise ValueError(f"{owner}.{name} must be in (0, 1], got {value}; e.g. {name}=0.01 trains 1% of each matrix")
+
+    @staticmethod
+    def _check_positive(owner: str, name: str, value: Optional[int]) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
+
+
+def linear_base(target: nn.Module) -> nn.Module:
+    """The innermost base layer of ``target`` (unwrapping other tuner layers)."""
+    return target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+
+
+def check_linear(target: nn.Module, key: str, method: str) -> None:
+    """Raise a ``TypeError`` naming ``key`` unless ``target`` is an ``nn.Linear`` or a quantized linear layer."""
+    base = linear_base(target)
+    backend = resolve_quantization_backend(base)
+    if isinstance(base, nn.Linear) or (backend is not None and getattr(backend, "layer_type", None) == "linear"):
+        return
+    raise TypeError(
+        f"{method} can only adapt linear layers, but target module {key!r} is a {type(base).__name__}. Remove it from "
+        f"target_modules (or add it to exclude_modules); target_modules='all-linear' selects every linear layer."
+    )
+
+
+class SparseTuner(BaseTuner):
+    """Base tuner: wraps each matched linear layer in ``layer_cls`` and validates checkpoints on load.
+
+    Subclasses set ``prefix``, ``tuner_layer_cls`` and ``method_name``.
+    """
+
+    method_name: str = ""
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _create_and_replace(
+        self,
+        config: SparseConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, config)
+            return
+        check_linear(target, current_key, self.method_name)
+        new_module = self.tuner_layer_cls(target, adapter_name, config, module_name=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _check_new_adapter_config(self, config: PeftConfig) -> None:
+        super()._check_new_adapter_config(config)
+        if getattr(config, "target_parameters", None):
+            raise ValueError(f"{self.method_name} does not support target_parameters")
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        for name, module in model.named_modules():
+            prepare = getattr(module, "prepare_load", None)
+            if isinstance(module, BaseTunerLayer) and prepare is not None:
+                prepare(name, adapter_name, remapped)
+        return remapped

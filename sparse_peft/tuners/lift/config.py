@@ -1,0 +1,51 @@
+"""Configuration of LIFT: fine-tuning the principal weights of each matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional
+
+from ..base import SparseConfig
+
+
+@dataclass
+class LiftConfig(SparseConfig):
+    """LIFT (Liu et al., ICML 2025, "LIFT the Veil for the Truth: Principal Weights Emerge after Rank Reduction").
+
+    For each target matrix ``W`` (``m x n``) LIFT trains the ``k`` entries with the largest ``|W'|``, where ``W'`` is
+    the rank-``filter_rank`` SVD approximation of ``W``. The budget is ``k = (m + n)·rank`` (the parameter count of a
+    rank-``rank`` LoRA on that matrix) unless ``density`` gives ``k = round(density·m·n)`` instead. Every
+    ``update_interval`` optimizer steps the mask is recomputed from the current weights (base + learned delta) by
+    :class:`sparse_peft.SparsePeftCallback`; entries that leave the mask keep what they learned.
+
+    Args:
+        rank: LoRA-equivalent budget per matrix, ``k = (m+n)·rank``.
+        density: fraction of each matrix to train; overrides ``rank`` when set.
+        filter_rank: rank of the SVD approximation whose magnitudes rank the entries.
+        svd: ``"exact"`` (float32 ``torch.linalg.svd``) or ``"randomized"`` (``torch.svd_lowrank`` with
+            ``q = 2·filter_rank`` and ``svd_niter`` power iterations; much faster on large matrices).
+        update_interval: refresh the mask every this many optimizer steps; ``None`` or 0 keeps the first mask.
+    """
+
+    method: ClassVar[str] = "lift"
+
+    rank: int = field(default=16, metadata={"help": "LoRA-equivalent budget: k = (m + n) * rank per matrix."})
+    density: Optional[float] = field(default=None, metadata={"help": "Fraction of each matrix; overrides rank."})
+    filter_rank: int = field(default=32, metadata={"help": "Rank of the SVD approximation that ranks entries."})
+    svd: Literal["exact", "randomized"] = field(default="exact", metadata={"help": "'exact' or 'randomized'."})
+    svd_niter: int = field(default=2, metadata={"help": "Power iterations of the randomized SVD."})
+    update_interval: Optional[int] = field(
+        default=400, metadata={"help": "Recompute the mask every this many optimizer steps (None/0: never)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        owner = type(self).__name__
+        self._check_positive(owner, "rank", self.rank)
+        self._check_fraction(owner, "density", self.density)
+        self._check_positive(owner, "filter_rank", self.filter_rank)
+        self._check_positive(owner, "svd_niter", self.svd_niter)
+        if self.svd not in ("exact", "randomized"):
+            raise ValueError(f"{owner}.svd must be 'exact' or 'randomized', got {self.svd!r}")
+        if self.update_interval is not None and (not isinstance(self.update_interval, int) or self.update_interval < 0):
+            raise ValueError(f"{owner}.update_interval must be None, 0 or a positive integer, got {self.update_interval!r}")

@@ -1,0 +1,263 @@
+"""The PEFT layer for entry-sparse methods (LIFT, SpIEL, diff pruning, RoSA's sparse part).
+
+``y = base(x) + x · (ΔW_active + ΔW_frozen)ᵀ`` where ``ΔW_active = scatter(values, indices)`` holds the ``k``
+trainable entries and ``ΔW_frozen = scatter(frozen_values, frozen_indices)`` holds learned entries that left the
+active mask (LIFT's refreshes keep what retired entries learned). Adapter state per adapter name, all saved by PEFT:
+
+* ``<prefix>values``         trainable ``ParameterDict`` entry, float, length ``k``;
+* ``<prefix>indices``        persistent integer buffer, flat row-major positions (int32 below 2^31 entries);
+* ``<prefix>frozen_values``  persistent float buffer, any length (resized to the checkpoint on load);
+* ``<prefix>frozen_indices`` persistent integer buffer, same length.
+
+Subclasses decide the budget ``k`` (:meth:`budget`) and the initial positions (:meth:`select`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
+from torch import nn
+
+from ..sparse.delta import add_into, dense_delta, gather, index_dtype, sparse_delta_matmul
+from .base import SparseConfig
+
+
+class SparseDeltaLinear(nn.Module, BaseTunerLayer):
+    """A linear layer plus sparse deltas, one per adapter (see module docstring for the formula and the storage)."""
+
+    prefix: str = "sparse_delta_"
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        p = cls.prefix
+        cls.adapter_layer_names = (f"{p}values",)
+        cls.other_param_names = (f"{p}indices", f"{p}frozen_values", f"{p}frozen_indices")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SparseConfig, module_name: str = "") -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        p = self.prefix
+        setattr(self, f"{p}values", nn.ParameterDict({}))
+        for name in ("indices", "frozen_values", "frozen_indices"):
+            setattr(self, f"{p}{name}", BufferDict({}, persistent=True))
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._merge_originals: dict[str, torch.Tensor] = {}
+        self.module_name = module_name
+        self.adapter_configs: dict[str, SparseConfig] = {}
+        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    # ---- storage accessors -------------------------------------------------------------------------------------
+    @property
+    def values(self) -> nn.ParameterDict:
+        return getattr(self, f"{self.prefix}values")
+
+    @property
+    def indices(self) -> BufferDict:
+        return getattr(self, f"{self.prefix}indices")
+
+    @property
+    def frozen_values(self) -> BufferDict:
+        return getattr(self, f"{self.prefix}frozen_values")
+
+    @property
+    def frozen_indices(self) -> BufferDict:
+        return getattr(self, f"{self.prefix}frozen_indices")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+    # ---- method hooks ------------------------------------------------------------------------------------------
+    def budget(self, config: SparseConfig) -> int:
+        """Number of trainable entries ``k`` for this matrix."""
+        raise NotImplementedError
+
+    def select(self, config: SparseConfig, adapter_name: str, k: int) -> torch.Tensor:
+        """Initial flat positions (``k`` unique, sorted) for a new adapter."""
+        raise NotImplementedError
+
+    def base_weight_float(self) -> torch.Tensor:
+        """The (dequantized) base weight in float32; a transient copy for quantized or low-precision bases."""
+        return self.get_base_weight().float()
+
+    # ---- adapter lifecycle -------------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: SparseConfig, **kwargs: Any) -> None:
+        """Create adapter ``adapter_name``: pick ``k`` positions, zero (or random) values, empty frozen part.
+
+        In inference mode (loading a saved adapter) the positions are placeholders that the checkpoint overwrites,
+        so no selection work (e.g. an SVD) is spent on them.
+        """
+        k = self.budget(config)
+        if not 0 < k <= self.numel:
+            raise ValueError(
+                f"{type(self).__name__} on {self.module_name or 'a layer'} of shape {self.shape}: the budget gives "
+                f"k={k} trainable entries, which must be in [1, {self.numel}]; lower rank/density"
+            )
+        self.adapter_configs[adapter_name] = config
+        device = self._weight_device()
+        if config.inference_mode:
+            positions = torch.arange(k, dtype=index_dtype(self.numel))
+        else:
+            positions = self.select(config, adapter_name, k).to(index_dtype(self.numel))
+        generator = torch.Generator().manual_seed(config.seed + 1)
+        init = torch.zeros(k) if config.init_weights else 0.02 * torch.randn(k, generator=generator)
+        self.values[adapter_name] = nn.Parameter(init.to(device))
+        self.indices[adapter_name] = positions.to(device)
+        self.frozen_values[adapter_name] = torch.zeros(0, device=device)
+        self.frozen_indices[adapter_name] = torch.zeros(0, dtype=positions.dtype, device=device)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _weight_device(self) -> torch.device:
+        weight = getattr(self.get_base_layer(), "weight", None)
+        return weight.device if weight is not None else torch.device("cpu")
+
+    def delta_tensors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(values, indices, n_trainable)`` of the whole delta: active entries first, then the frozen ones."""
+        values, indices = self.values[adapter_name], self.indices[adapter_name]
+        frozen = self.frozen_values[adapter_name]
+        if frozen.numel() == 0:
+            return values, indices, values.numel()
+        all_values = torch.cat([values, frozen.to(values.dtype)])
+        all_indices = torch.cat([indices.long(), self.frozen_indices[adapter_name].long()])
+        return all_values, all_indices, values.numel()
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense ``ΔW`` of one adapter, shape ``(out, in)`` (merging and inspection only)."""
+        values, indices, _ = self.delta_tensors(adapter_name)
+        return dense_delta(values.detach(), indices, self.shape)
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for name in self.active_adapters:
+            if name not in self.values:
+                continue
+            values, indices, n_trainable = self.delta_tensors(name)
+            delta = sparse_delta_matmul(x, values, indices, self.shape, n_trainable)
+            result = result + delta.to(result.dtype)
+        return result
+
+    # ---- merge / unmerge ---------------------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """``W ← W + ΔW`` for each adapter, touching only its entries; the replaced entries are kept so that
+        :meth:`unmerge` restores the base exactly (up to re-quantization on quantized bases)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if self.quantization_backend is not None and adapter_names:
+            warnings.warn(
+                f"merging into the quantized base of {self.module_name or type(self.get_base_layer()).__name__} "
+                f"re-quantizes the weight and is lossy; merge into a dequantized copy of the model instead",
+                UserWarning,
+                stacklevel=2,
+            )
+        for name in adapter_names:
+            if name not in self.values:
+                continue
+            weight = self.get_base_weight()
+            values, indices, _ = self.delta_tensors(name)
+            merged = add_into(weight, values.detach(), indices)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights of {self.module_name}; adapter {name} is broken")
+            self._merge_originals[name] = gather(weight, indices).clone()
+            self.set_base_weight(merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`, last merged adapter first, writing back the saved original entries."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.values:
+                continue
+            _, indices, _ = self.delta_tensors(name)
+            weight = self.get_base_weight().clone()
+            weight.view(-1)[indices.long()] = self._merge_originals.pop(name).to(weight.dtype)
+            self.set_base_weight(weight)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.adapter_configs.pop(adapter_name, None)
+        self._merge_originals.pop(adapter_name, None)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False
+
+    # ---- loading -----------------------------------------------------------------------------------------------
+    def prepare_load(self, module_key: str, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+        """Validate a checkpoint's entries for this layer and resize the variable-length frozen part to fit it.
+
+        Raises a ``ValueError`` naming the layer when an entry is missing, has another shape than this base model
+        implies, or points outside the weight.
+        """
+        if adapter_name not in self.values:
+            return
+        p, where = self.prefix, module_key or "the model"
+        keys = {n: f"{module_key}.{p}{n}.{adapter_name}".lstrip(".") for n in ("values", "indices")}
+        for name, key in keys.items():
+            if key not in state_dict:
+                raise ValueError(
+                    f"the adapter checkpoint has no {p}{name} for {where}: the file is incomplete or was saved for "
+                    f"other target modules; re-save the adapter or load it into the model it was trained on"
+                )
+        saved_values, saved_indices = state_dict[keys["values"]], state_dict[keys["indices"]]
+        expected = self.values[adapter_name].shape
+        if saved_values.shape != expected or saved_indices.shape != expected:
+            raise ValueError(
+                f"adapter entry for {where} holds {tuple(saved_values.shape)} values but this base layer of shape "
+                f"{self.shape} expects {tuple(expected)}: the adapter was trained on a base model with other layer "
+                f"shapes (or another rank/density). Load it into the base model it was trained on."
+            )
+        self._check_positions(saved_indices, where)
+        self._resize_frozen(module_key, adapter_name, state_dict)
+
+    def _check_positions(self, positions: torch.Tensor, where: str) -> None:
+        if positions.dtype.is_floating_point:
+            raise ValueError(f"adapter indices for {where} are stored as {positions.dtype}; they must be integers")
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.numel):
+            raise ValueError(
+                f"adapter indices for {where} point outside its weight of shape {self.shape}: the adapter was "
+                f"trained on a base model with other layer shapes; load it into the base model it was trained on"
+            )
+
+    def _resize_frozen(self, module_key: str, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+        p = self.prefix
+        vkey = f"{module_key}.{p}frozen_values.{adapter_name}".lstrip(".")
+        ikey = f"{module_key}.{p}frozen_indices.{adapter_name}".lstrip(".")
+        if vkey not in state_dict and ikey not in state_dict:
+            return
+        if vkey not in state_dict or ikey not in state_dict or state_dict[vkey].shape != state_dict[ikey].shape:
+            raise ValueError(f"adapter checkpoint for {module_key}: frozen values and indices do not match")
+        self._check_positions(state_dict[ikey], module_key)
+        current = self.frozen_values[adapter_name]
+        self.frozen_values[adapter_name] = torch.zeros(state_dict[vkey].shape, dtype=current.dtype, device=current.device)
+        self.frozen_indices[adapter_name] = torch.zeros(
+            state_dict[ikey].shape, dtype=self.indices[adapter_name].dtype, device=current.device
+        )
+
+    def __repr__(self) -> str:
+        return f"{self.prefix.rstrip('_')}.{super().__repr__()}"
