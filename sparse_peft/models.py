@@ -112,9 +112,7 @@ def load_model_and_tokenizer(
         elif path.is_dir():
             model, tokenizer = _load_from_dir(path, dtype)
         else:
-            raise ValueError(
-                f"Model path {str(path)!r} is neither a model directory nor a .gguf file."
-            )
+            raise ValueError(f"Model path {str(path)!r} is neither a model directory nor a .gguf file.")
     _finalize(model, tokenizer)
     logger.info("Loaded model and tokenizer in %.1f s", time.perf_counter() - start)
     return model, tokenizer
@@ -129,9 +127,7 @@ def _load_default(
         logger.info("Loading %s from cache %s", DEFAULT_MODEL_NAME, cached)
         return _load_from_dir(cached, dtype)
     gguf_path = default_gguf_path()
-    logger.info(
-        "Dequantizing %s (first load; cached afterwards in %s)", gguf_path, cached
-    )
+    logger.info("Dequantizing %s (first load; cached afterwards in %s)", gguf_path, cached)
     model, tokenizer = _load_from_gguf(gguf_path)
     _finalize(model, tokenizer)
     try:
@@ -141,13 +137,9 @@ def _load_default(
     return model.to(dtype), tokenizer
 
 
-def _load_from_dir(
-    path: Path, dtype: torch.dtype
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_from_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a ``save_pretrained`` directory without touching any hub."""
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, local_files_only=True
-    )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
 
@@ -155,12 +147,8 @@ def _load_from_dir(
 def _load_from_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load and dequantize a GGUF file to an fp32 model with plain ``nn.Linear`` layers."""
     directory, name = gguf_path.parent, gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(
-        directory, gguf_file=name, local_files_only=True
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, dtype=torch.float32, local_files_only=True
-    )
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32, local_files_only=True)
     strip_quantization_state(model)
     if not tokenizer.chat_template:
         template = chat_template_from_gguf(gguf_path)
@@ -205,16 +193,11 @@ def _finalize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Non
             raise ValueError("The tokenizer has neither a pad token nor an eos token.")
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
-        logger.warning(
-            "The tokenizer has no chat template; conversational data will fail."
-        )
+        logger.warning("The tokenizer has no chat template; conversational data will fail.")
     generation_config = model.generation_config
     if generation_config is not None:
         generation_config.pad_token_id = tokenizer.pad_token_id
-        if (
-            generation_config.eos_token_id is None
-            and tokenizer.eos_token_id is not None
-        ):
+        if generation_config.eos_token_id is None and tokenizer.eos_token_id is not None:
             generation_config.eos_token_id = tokenizer.eos_token_id
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -232,9 +215,7 @@ def _current_umask() -> int:
     return mask
 
 
-def save_cache_atomically(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path
-) -> None:
+def save_cache_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
     """Save ``model`` and ``tokenizer`` to ``target`` so that it appears all at once.
 
     Everything is written to a temporary sibling directory, the completion marker is

@@ -187,7 +187,9 @@ def install_io_guards() -> None:
     for module, attr, wrap in targets:
         original = getattr(module, attr, None)
         if original is None:
-            warnings.warn(f"sparse_peft: {module.__name__}.{attr} not found; adapter I/O guards not installed")
+            warnings.warn(
+                f"sparse_peft: {module.__name__}.{attr} not found; adapter I/O guards not installed", stacklevel=2
+            )
             continue
         if not getattr(original, "_sparse_peft_atomic", False):
             setattr(module, attr, wrap(original))

@@ -103,9 +103,7 @@ def arithmetic_problems(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return problems
 
 
-def arithmetic_task(
-    n_train: int = 2000, n_eval: int = 100, seed: int = 0
-) -> tuple[datasets.Dataset, datasets.Dataset]:
+def arithmetic_task(n_train: int = 2000, n_eval: int = 100, seed: int = 0) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Return the built-in ``(train, eval)`` arithmetic word-problem datasets.
 
     Addition and subtraction of numbers 1-20 in several templates, names and objects,
@@ -135,9 +133,7 @@ def _to_dataset(rows: list[dict[str, Any]]) -> datasets.Dataset:
             ANSWER_COLUMN: datasets.Value("string"),
         }
     )
-    return datasets.Dataset.from_dict(
-        {"prompt": [], "completion": [], ANSWER_COLUMN: []}, features=features
-    )
+    return datasets.Dataset.from_dict({"prompt": [], "completion": [], ANSWER_COLUMN: []}, features=features)
 
 
 def load_dataset_any(path: str, require_answer: bool = False) -> datasets.Dataset:
@@ -156,9 +152,7 @@ def load_dataset_any(path: str, require_answer: bool = False) -> datasets.Datase
     """
     source = Path(path).expanduser()
     if not source.exists():
-        raise FileNotFoundError(
-            f"Dataset path {path!r} does not exist. {_EXPECTED_FORMAT}"
-        )
+        raise FileNotFoundError(f"Dataset path {path!r} does not exist. {_EXPECTED_FORMAT}")
     if source.is_dir():
         dataset = _load_from_disk(source)
     else:
@@ -173,18 +167,14 @@ def _load_from_disk(source: Path) -> datasets.Dataset:
         loaded = datasets.load_from_disk(str(source))
     except FileNotFoundError as err:
         raise ValueError(
-            f"{str(source)!r} is a directory but not one written by "
-            f"datasets' save_to_disk: {err}"
+            f"{str(source)!r} is a directory but not one written by datasets' save_to_disk: {err}"
         ) from err
     if isinstance(loaded, datasets.DatasetDict):
         if "train" in loaded:
             return loaded["train"]
         if len(loaded) == 1:
             return next(iter(loaded.values()))
-        raise ValueError(
-            f"{str(source)!r} holds splits {sorted(loaded)}; expected a 'train' split "
-            "or a single split."
-        )
+        raise ValueError(f"{str(source)!r} holds splits {sorted(loaded)}; expected a 'train' split or a single split.")
     return loaded
 
 
@@ -198,9 +188,7 @@ def _read_jsonl(source: Path) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{source}:{line_no}: not valid JSON ({err.msg})."
-                ) from err
+                raise ValueError(f"{source}:{line_no}: not valid JSON ({err.msg}).") from err
             if not isinstance(row, dict):
                 raise TypeError(f"{source}:{line_no}: expected a JSON object per line.")
             rows.append(row)
@@ -209,9 +197,7 @@ def _read_jsonl(source: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def validate_dataset(
-    dataset: datasets.Dataset, require_answer: bool = False, source: str = "dataset"
-) -> None:
+def validate_dataset(dataset: datasets.Dataset, require_answer: bool = False, source: str = "dataset") -> None:
     """Check that ``dataset`` has usable ``prompt``/``completion`` (and ``answer``) columns.
 
     Raises:
@@ -220,10 +206,7 @@ def validate_dataset(
     required = list(REQUIRED_COLUMNS) + ([ANSWER_COLUMN] if require_answer else [])
     missing = [column for column in required if column not in dataset.column_names]
     if missing:
-        raise ValueError(
-            f"{source} is missing column(s) {missing} (has {dataset.column_names}). "
-            f"{_EXPECTED_FORMAT}"
-        )
+        raise ValueError(f"{source} is missing column(s) {missing} (has {dataset.column_names}). {_EXPECTED_FORMAT}")
     if len(dataset) == 0:
         raise ValueError(f"{source} has no examples. {_EXPECTED_FORMAT}")
     first = dataset[0]
@@ -261,9 +244,7 @@ def _prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: Any) -> str:
     """Render a prompt: chat template for messages, the raw string otherwise (as TRL)."""
     if isinstance(prompt, str):
         return prompt
-    return tokenizer.apply_chat_template(
-        prompt, add_generation_prompt=True, tokenize=False
-    )
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
 
 
 def evaluate_exact_match(
@@ -290,9 +271,7 @@ def evaluate_exact_match(
     """
     rows = list(dataset)
     if rows and ANSWER_COLUMN not in rows[0]:
-        raise ValueError(
-            f"Evaluation data has no {ANSWER_COLUMN!r} column. {_EXPECTED_FORMAT}"
-        )
+        raise ValueError(f"Evaluation data has no {ANSWER_COLUMN!r} column. {_EXPECTED_FORMAT}")
     texts = [_prompt_text(tokenizer, row["prompt"]) for row in rows]
     answers = [str(row[ANSWER_COLUMN]).strip() for row in rows]
     # Chat-templated text already holds its special tokens; raw strings get them added,
@@ -300,9 +279,7 @@ def evaluate_exact_match(
     add_special = bool(rows) and isinstance(rows[0]["prompt"], str)
     completions = _with_eval_mode(
         model,
-        lambda: _generate(
-            model, tokenizer, texts, batch_size, max_new_tokens, add_special
-        ),
+        lambda: _generate(model, tokenizer, texts, batch_size, max_new_tokens, add_special),
     )
     exact = sum(_first_line(c) == a for c, a in zip(completions, answers, strict=True))
     numeric = sum(

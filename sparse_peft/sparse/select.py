@@ -36,7 +36,9 @@ def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().abs()
 
 
-def principal_score(weight: torch.Tensor, rank: int, randomized: bool = False, niter: int = 2, seed: int = 0) -> torch.Tensor:
+def principal_score(
+    weight: torch.Tensor, rank: int, randomized: bool = False, niter: int = 2, seed: int = 0
+) -> torch.Tensor:
     """``|W'|`` with ``W' = U_r Σ_r V_rᵀ`` the best rank-``rank`` approximation of ``W`` (LIFT's principal weights).
 
     ``randomized=True`` uses a randomized SVD with ``q = 2·rank`` and ``niter`` power iterations (Halko et al.),

@@ -47,9 +47,17 @@ class SparseConfig(PeftConfig):
     )
     bias: str = field(default="none", metadata={"help": "'none', 'all' or '<prefix>only': which biases to train."})
     init_weights: bool = field(
-        default=True, metadata={"help": "True: the adapter starts as the identity (zero delta). False: random, for tests."}
+        default=True,
+        metadata={"help": "True: the adapter starts as the identity (zero delta). False: random, for tests."},
     )
     seed: int = field(default=0, metadata={"help": "Seed for tie-breaking and any random selection."})
+    frozen_counts: dict[str, int] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Filled in during training: per module, how many learned entries left the active mask and are "
+            "kept frozen (LIFT refreshes). Saved so that loaders can allocate the right sizes; do not set by hand."
+        },
+    )
     sparse_peft_version: str = field(
         default=__version__, metadata={"help": "Version of sparse_peft that created the adapter (provenance)."}
     )
@@ -69,7 +77,9 @@ class SparseConfig(PeftConfig):
     @staticmethod
     def _check_fraction(owner: str, name: str, value: Optional[float]) -> None:
         if value is not None and not 0.0 < value <= 1.0:
-            raise ValueError(f"{owner}.{name} must be in (0, 1], got {value}; e.g. {name}=0.01 trains 1% of each matrix")
+            raise ValueError(
+                f"{owner}.{name} must be in (0, 1], got {value}; e.g. {name}=0.01 trains 1% of each matrix"
+            )
 
     @staticmethod
     def _check_positive(owner: str, name: str, value: Optional[int]) -> None:
@@ -101,7 +111,7 @@ class SparseTuner(BaseTuner):
     """
 
     method_name: str = ""
-    target_module_mapping: dict[str, list[str]] = {}
+    target_module_mapping: ClassVar[dict[str, list[str]]] = {}
 
     def _create_and_replace(
         self,

@@ -118,14 +118,21 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         init = torch.zeros(k) if config.init_weights else 0.02 * torch.randn(k, generator=generator)
         self.values[adapter_name] = nn.Parameter(init.to(device))
         self.indices[adapter_name] = positions.to(device)
-        self.frozen_values[adapter_name] = torch.zeros(0, device=device)
-        self.frozen_indices[adapter_name] = torch.zeros(0, dtype=positions.dtype, device=device)
+        n_frozen = config.frozen_counts.get(self.module_name, 0)  # > 0 only when loading a trained adapter
+        self.frozen_values[adapter_name] = torch.zeros(n_frozen, device=device)
+        self.frozen_indices[adapter_name] = torch.zeros(n_frozen, dtype=positions.dtype, device=device)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _weight_device(self) -> torch.device:
         weight = getattr(self.get_base_layer(), "weight", None)
         return weight.device if weight is not None else torch.device("cpu")
+
+    def set_frozen(self, adapter_name: str, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the frozen part of ``adapter_name`` and record its size in the config (for loaders)."""
+        self.frozen_indices[adapter_name] = positions.to(self.indices[adapter_name].dtype)
+        self.frozen_values[adapter_name] = values.to(self.frozen_values[adapter_name].dtype)
+        self.adapter_configs[adapter_name].frozen_counts[self.module_name] = int(positions.numel())
 
     def delta_tensors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``(values, indices, n_trainable)`` of the whole delta: active entries first, then the frozen ones."""
@@ -188,7 +195,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         """Undo :meth:`merge`, last merged adapter first, writing back the saved original entries."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -254,7 +261,9 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
             raise ValueError(f"adapter checkpoint for {module_key}: frozen values and indices do not match")
         self._check_positions(state_dict[ikey], module_key)
         current = self.frozen_values[adapter_name]
-        self.frozen_values[adapter_name] = torch.zeros(state_dict[vkey].shape, dtype=current.dtype, device=current.device)
+        self.frozen_values[adapter_name] = torch.zeros(
+            state_dict[vkey].shape, dtype=current.dtype, device=current.device
+        )
         self.frozen_indices[adapter_name] = torch.zeros(
             state_dict[ikey].shape, dtype=self.indices[adapter_name].dtype, device=current.device
         )

@@ -48,4 +48,6 @@ class LiftConfig(SparseConfig):
         if self.svd not in ("exact", "randomized"):
             raise ValueError(f"{owner}.svd must be 'exact' or 'randomized', got {self.svd!r}")
         if self.update_interval is not None and (not isinstance(self.update_interval, int) or self.update_interval < 0):
-            raise ValueError(f"{owner}.update_interval must be None, 0 or a positive integer, got {self.update_interval!r}")
+            raise ValueError(
+                f"{owner}.update_interval must be None, 0 or a positive integer, got {self.update_interval!r}"
+            )

@@ -44,7 +44,9 @@ class LiftLinear(SparseDeltaLinear):
             )
         super().update_layer(adapter_name, config, **kwargs)
 
-    def select(self, config: LiftConfig, adapter_name: str, k: int, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def select(
+        self, config: LiftConfig, adapter_name: str, k: int, weight: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """``top-k |W'|`` of ``weight`` (default: the base weight)."""
         weight = self.base_weight_float() if weight is None else weight
         score = principal_score(
@@ -64,7 +66,9 @@ class LiftLinear(SparseDeltaLinear):
         The dense ``W + ΔW`` and its SVD are transients of this one layer, freed on return.
         """
         if self.merged:
-            raise RuntimeError(f"cannot refresh the LIFT mask of {self.module_name} while adapters are merged; unmerge first")
+            raise RuntimeError(
+                f"cannot refresh the LIFT mask of {self.module_name} while adapters are merged; unmerge first"
+            )
         config = self.adapter_configs[adapter_name]
         values, indices = self.values[adapter_name], self.indices[adapter_name]
         current = self.base_weight_float() + self.get_delta_weight(adapter_name).float()
@@ -84,6 +88,7 @@ class LiftLinear(SparseDeltaLinear):
         frozen_pos = torch.cat([self.frozen_indices[adapter_name].long(), positions.long()])
         frozen_val = torch.cat([self.frozen_values[adapter_name].to(learned.dtype), learned])
         unique, inverse = torch.unique(frozen_pos, return_inverse=True)
-        summed = torch.zeros(unique.numel(), dtype=learned.dtype, device=learned.device).index_add_(0, inverse, frozen_val)
-        self.frozen_indices[adapter_name] = unique.to(self.indices[adapter_name].dtype)
-        self.frozen_values[adapter_name] = summed.to(self.frozen_values[adapter_name].dtype)
+        summed = torch.zeros(unique.numel(), dtype=learned.dtype, device=learned.device).index_add_(
+            0, inverse, frozen_val
+        )
+        self.set_frozen(adapter_name, unique, summed)

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny models built from configs (no downloads), saved to a temp folder when a test needs a path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+import sparse_peft  # noqa: E402,F401  (registers the methods before any test builds a config)
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A 2-layer Llama with grouped-query attention (4 heads, 2 KV heads), about 100k parameters."""
+    torch.manual_seed(seed)
+    config = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    config.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+INPUT = (torch.arange(24).view(3, 8) * 7) % 128
+
+
+@pytest.fixture
+def base_model() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory) -> Path:
+    """A tiny Llama saved with save_pretrained, for loaders that need a path (AutoPeftModel, fresh processes)."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tiny_llama().save_pretrained(path)
+    return path
+
+
+def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (so nothing registered in this process leaks into it)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)

@@ -1,0 +1,144 @@
+"""Saving and loading: indices really come from the file, in a fresh process, through every PEFT loader."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import INPUT, run_python
+from peft import get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from sparse_peft import LiftConfig, LiftLinear, __version__, refresh_masks
+
+
+def _trained_adapter(base_dir, out_dir):
+    """Train a LIFT adapter with mask refreshes (so indices differ from a fresh selection) and save it."""
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir), LiftConfig(rank=2, filter_rank=4, update_interval=1)
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for step in range(1, 4):
+        model(INPUT, labels=INPUT).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        refresh_masks(model, step, optimizer)
+    model.eval()
+    model.save_pretrained(out_dir)
+    logits = model(INPUT).logits.detach()
+    torch.save(logits, out_dir / "expected_logits.pt")
+    return model, logits
+
+
+@pytest.fixture(scope="module")
+def saved(base_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lift_adapter")
+    model, logits = _trained_adapter(base_dir, out)
+    return out, model, logits
+
+
+def test_saved_files_and_config(saved):
+    out, model, _ = saved
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "SPARSE_PEFT_LIFT"
+    assert config["sparse_peft_version"] == __version__
+    tensors = load_file(out / "adapter_model.safetensors")
+    idx = [k for k in tensors if k.endswith("sparse_peft_lift_indices")]
+    assert len(idx) == 14 and all(tensors[k].dtype == torch.int32 for k in idx)
+    frozen = [k for k in tensors if k.endswith("sparse_peft_lift_frozen_values")]
+    assert sum(tensors[k].numel() for k in frozen) > 0  # refreshes retired some entries
+
+
+def test_adapter_bytes_follow_k(saved):
+    out, model, _ = saved
+    layers = [m for m in model.modules() if isinstance(m, LiftLinear)]
+    k_total = sum(l.values["default"].numel() + l.frozen_values["default"].numel() for l in layers)
+    size = (out / "adapter_model.safetensors").stat().st_size
+    payload = k_total * (4 + 4)  # fp32 value + int32 index
+    assert payload <= size <= payload * 1.05 + 8192  # header of a few KB
+
+
+def test_reload_in_fresh_process_reproduces_outputs(saved, base_dir):
+    out, _, _ = saved
+    code = f"""
+import torch, sparse_peft
+from peft import PeftConfig, PeftModel
+from transformers import AutoModelForCausalLM
+from sparse_peft import AutoPeftModelForCausalLM, LiftConfig
+x = (torch.arange(24).view(3, 8) * 7) % 128
+expected = torch.load(r'{out}/expected_logits.pt')
+cfg = PeftConfig.from_pretrained(r'{out}')
+assert isinstance(cfg, LiftConfig), type(cfg)
+m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(r'{base_dir}'), r'{out}')
+assert torch.allclose(m(x).logits, expected, atol=1e-5), 'PeftModel'
+m = sparse_peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(r'{base_dir}'), r'{out}', is_trainable=True)
+assert torch.allclose(m(x).logits, expected, atol=1e-5), 'is_trainable'
+assert sum(p.requires_grad for p in m.parameters()) == 14
+m = AutoPeftModelForCausalLM.from_pretrained(r'{out}')
+assert torch.allclose(m(x).logits, expected, atol=1e-5), 'AutoPeftModel'
+b = AutoModelForCausalLM.from_pretrained(r'{base_dir}')
+b.load_adapter(r'{out}', adapter_name='x')
+assert torch.allclose(b(x).logits, expected, atol=1e-5), 'transformers load_adapter'
+b.delete_adapter('x')
+print('OK')
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout
+
+
+def test_loading_without_import_names_the_type(saved, base_dir):
+    out, _, _ = saved
+    code = f"""
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+try:
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(r'{base_dir}'), r'{out}')
+except KeyError as e:
+    print('KeyError', e)
+"""
+    result = run_python(code)
+    assert "KeyError 'SPARSE_PEFT_LIFT'" in result.stdout, result.stderr[-2000:]
+
+
+def test_variable_size_frozen_part_loads_in_process(saved, base_dir):
+    out, _, logits = saved
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out)
+    assert torch.allclose(model(INPUT).logits, logits, atol=1e-5)
+
+
+def test_save_is_atomic(saved, tmp_path, monkeypatch):
+    """A save that dies half-way leaves the previous adapter file intact and no temporary file behind."""
+    out, model, _ = saved
+    target = tmp_path / "adapter"
+    model.save_pretrained(target)
+    original = (target / "adapter_model.safetensors").read_bytes()
+
+    import safetensors.torch
+
+    def broken_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    # the guard wraps whatever save function PEFT holds; make the inner writer fail
+    import peft.peft_model
+
+    from sparse_peft.registry import _atomic_safe_save
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", _atomic_safe_save(broken_save))
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(target)
+    assert (target / "adapter_model.safetensors").read_bytes() == original
+    assert not [p for p in target.iterdir() if p.name.startswith(".tmp-")]
+    del safetensors
+
+
+def test_peft_save_goes_through_atomic_writer():
+    import peft.peft_model
+
+    assert getattr(peft.peft_model.safe_save_file, "_sparse_peft_atomic", False)
