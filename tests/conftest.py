@@ -14,8 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
-import sparse_peft  # noqa: E402,F401  (registers the methods before any test builds a config)
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import sparse_peft  # noqa: E402,F401  (registers the methods before any test builds a config)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,3 +58,27 @@ def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (so nothing registered in this process leaks into it)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def char_tokenizer():
+    """A character-level tokenizer with a chat template, small enough for the tiny model's vocabulary."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}a:{% endif %}"
+    )
+    return fast

@@ -232,3 +232,19 @@ def test_delta_weight_matches_dense_delta(lift_model):
         layer.get_delta_weight("default"),
         dense_delta(layer.values["default"].detach(), layer.indices["default"], layer.shape),
     )
+
+
+def test_cached_index_layout_follows_in_place_edits(lift_model):
+    """The CSR layout is cached per mask; an in-place edit of the indices (a refresh, a load) must invalidate it."""
+    layer = lift_layers(lift_model)[0]
+    with torch.no_grad():
+        layer.values["default"].normal_()
+    x = torch.randn(2, layer.in_features)
+    first = layer(x)
+    assert layer.pattern("default") is layer.pattern("default")  # reused while nothing changes
+    with torch.no_grad():
+        new = torch.randperm(layer.in_features * layer.out_features)[: layer.indices["default"].numel()]
+        layer.indices["default"].copy_(new.to(torch.int32))
+    expected = layer.get_base_layer()(x) + x @ layer.get_delta_weight("default").t()
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    assert not torch.allclose(layer(x), first)

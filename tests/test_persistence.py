@@ -73,7 +73,8 @@ cfg = PeftConfig.from_pretrained(r'{out}')
 assert isinstance(cfg, LiftConfig), type(cfg)
 m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(r'{base_dir}'), r'{out}')
 assert torch.allclose(m(x).logits, expected, atol=1e-5), 'PeftModel'
-m = sparse_peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(r'{base_dir}'), r'{out}', is_trainable=True)
+base = AutoModelForCausalLM.from_pretrained(r'{base_dir}')
+m = sparse_peft.PeftModel.from_pretrained(base, r'{out}', is_trainable=True)
 assert torch.allclose(m(x).logits, expected, atol=1e-5), 'is_trainable'
 assert sum(p.requires_grad for p in m.parameters()) == 14
 m = AutoPeftModelForCausalLM.from_pretrained(r'{out}')
@@ -142,3 +143,24 @@ def test_peft_save_goes_through_atomic_writer():
     import peft.peft_model
 
     assert getattr(peft.peft_model.safe_save_file, "_sparse_peft_atomic", False)
+
+
+def test_config_is_written_atomically(tmp_path, monkeypatch):
+    from peft.config import PeftConfig
+
+    from sparse_peft import LiftConfig
+
+    target = tmp_path / "adapter"
+    LiftConfig(rank=3).save_pretrained(str(target))
+    original = (target / "adapter_config.json").read_text()
+
+    def broken(self, save_directory, **kwargs):
+        with open(f"{save_directory}/adapter_config.json", "w") as handle:
+            handle.write("{ half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PeftConfig, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        LiftConfig(rank=4).save_pretrained(str(target))
+    assert (target / "adapter_config.json").read_text() == original
+    assert [p.name for p in target.iterdir()] == ["adapter_config.json"]

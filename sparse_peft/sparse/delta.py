@@ -26,6 +26,7 @@ float32 delta also keeps small updates from vanishing against a bf16 weight.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -46,16 +47,62 @@ def to_rows_cols(indices: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, torc
     return torch.div(flat, n_cols, rounding_mode="floor"), flat % n_cols
 
 
-def _csr(
-    rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Build a CSR matrix from COO entries; also return the permutation that sorted the entries by (row, col)."""
-    order = torch.argsort(rows * shape[1] + cols)
-    counts = torch.bincount(rows, minlength=shape[0])
-    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=rows.device)
-    crow[1:] = torch.cumsum(counts, 0)
-    matrix = torch.sparse_csr_tensor(crow, cols[order], values[order], shape, check_invariants=False)
-    return matrix, order
+@dataclass(frozen=True)
+class SparsePattern:
+    """The index structure of a sparse delta, computed once per mask and reused by every forward and backward.
+
+    Holds the CSR layout of ``ΔW`` (entries sorted by row, then column) and of ``ΔWᵀ`` (sorted by column, then row),
+    plus the permutations from slot order to each layout, so building either matrix is a single gather of ``values``.
+    """
+
+    shape: tuple[int, int]
+    row_order: torch.Tensor  # slot ids sorted by (row, col)
+    crow: torch.Tensor
+    col_sorted: torch.Tensor
+    col_order: torch.Tensor  # slot ids sorted by (col, row)
+    ccol: torch.Tensor
+    row_sorted: torch.Tensor
+
+    @classmethod
+    def build(cls, indices: torch.Tensor, shape: tuple[int, int]) -> SparsePattern:
+        rows, cols = to_rows_cols(indices, shape[1])
+        row_order = torch.argsort(rows * shape[1] + cols)
+        col_order = torch.argsort(cols * shape[0] + rows)
+        return cls(
+            shape=shape,
+            row_order=row_order,
+            crow=_compressed(rows, shape[0]),
+            col_sorted=cols[row_order],
+            col_order=col_order,
+            ccol=_compressed(cols, shape[1]),
+            row_sorted=rows[col_order],
+        )
+
+    def matrix(self, values: torch.Tensor) -> torch.Tensor:
+        """``ΔW`` as a CSR tensor of shape ``(out, in)``."""
+        return torch.sparse_csr_tensor(
+            self.crow, self.col_sorted, values[self.row_order], self.shape, check_invariants=False
+        )
+
+    def transposed(self, values: torch.Tensor) -> torch.Tensor:
+        """``ΔWᵀ`` as a CSR tensor of shape ``(in, out)``."""
+        return torch.sparse_csr_tensor(
+            self.ccol, self.row_sorted, values[self.col_order], self.shape[::-1], check_invariants=False
+        )
+
+    def sampled_grad(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``result[j] = (grad_outᵀ · x)[row_j, col_j]`` for every slot ``j``, without the dense product (SDDMM)."""
+        pattern = self.matrix(torch.zeros(self.row_order.numel(), dtype=x.dtype, device=x.device))
+        sampled = torch.sparse.sampled_addmm(pattern, grad_out.t().contiguous(), x.contiguous(), beta=0.0)
+        result = torch.empty(self.row_order.numel(), dtype=x.dtype, device=x.device)
+        result[self.row_order] = sampled.values()
+        return result
+
+
+def _compressed(keys: torch.Tensor, size: int) -> torch.Tensor:
+    pointers = torch.zeros(size + 1, dtype=torch.int64, device=keys.device)
+    pointers[1:] = torch.cumsum(torch.bincount(keys, minlength=size), 0)
+    return pointers
 
 
 def _as_2d(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -63,7 +110,7 @@ def _as_2d(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class SparseDeltaMatmul(torch.autograd.Function):
-    """``y = x · ΔWᵀ`` for ``ΔW = scatter(values, indices)`` of shape ``(out_features, in_features)``.
+    """``y = x · ΔWᵀ`` for ``ΔW = scatter(values)`` laid out by a :class:`SparsePattern`.
 
     Only the first ``n_trainable`` entries of ``values`` receive a gradient; the rest (a frozen part, such as LIFT's
     retired entries) take part in the forward only.
@@ -71,39 +118,26 @@ class SparseDeltaMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx,
-        x: torch.Tensor,
-        values: torch.Tensor,
-        indices: torch.Tensor,
-        out_features: int,
-        in_features: int,
-        n_trainable: int,
+        ctx, x: torch.Tensor, values: torch.Tensor, pattern: SparsePattern, n_trainable: int
     ) -> torch.Tensor:
-        rows, cols = to_rows_cols(indices, in_features)
-        matrix, _ = _csr(rows, cols, values, (out_features, in_features))
-        x2 = _as_2d(x, values.dtype)
-        y = torch.mm(matrix, x2.t()).t()
-        ctx.save_for_backward(x, values, indices)
-        ctx.shape = (out_features, in_features)
+        y = torch.mm(pattern.matrix(values), _as_2d(x, values.dtype).t()).t()
+        ctx.save_for_backward(x, values)
+        ctx.pattern = pattern
         ctx.n_trainable = n_trainable
-        return y.reshape(*x.shape[:-1], out_features)
+        return y.reshape(*x.shape[:-1], pattern.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        x, values, indices = ctx.saved_tensors
-        out_features, in_features = ctx.shape
+        x, values = ctx.saved_tensors
+        pattern: SparsePattern = ctx.pattern
         g2 = _as_2d(grad_out, values.dtype)
         grad_x = grad_values = None
-        rows, cols = to_rows_cols(indices, in_features)
         if ctx.needs_input_grad[0]:
-            transposed, _ = _csr(cols, rows, values, (in_features, out_features))
-            grad_x = torch.mm(transposed, g2.t()).t().reshape(x.shape).to(x.dtype)
+            grad_x = torch.mm(pattern.transposed(values), g2.t()).t().reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_values = torch.zeros_like(values)
-            k = ctx.n_trainable
-            if k > 0:
-                grad_values[:k] = sampled_grad(g2, _as_2d(x, values.dtype), rows[:k], cols[:k], ctx.shape)
-        return grad_x, grad_values, None, None, None, None
+            grad_values = pattern.sampled_grad(g2, _as_2d(x, values.dtype))
+            grad_values[ctx.n_trainable :] = 0
+        return grad_x, grad_values, None, None
 
 
 def sampled_grad(
@@ -114,23 +148,21 @@ def sampled_grad(
     ``result[j] = Σ_t grad_out[t, rows[j]] · x[t, cols[j]] = (grad_outᵀ · x)[rows[j], cols[j]]``, computed without the
     dense ``(out, in)`` product. ``grad_out``: ``(tokens, out)``, ``x``: ``(tokens, in)``, both 2-D and of one dtype.
     """
-    pattern, order = _csr(rows, cols, torch.zeros(rows.numel(), dtype=x.dtype, device=x.device), shape)
-    sampled = torch.sparse.sampled_addmm(pattern, grad_out.t().contiguous(), x.contiguous(), beta=0.0)
-    result = torch.empty(rows.numel(), dtype=x.dtype, device=x.device)
-    result[order] = sampled.values()
-    return result
+    return SparsePattern.build(rows.long() * shape[1] + cols.long(), shape).sampled_grad(grad_out, x)
 
 
 def sparse_delta_matmul(
     x: torch.Tensor,
     values: torch.Tensor,
-    indices: torch.Tensor,
+    indices: torch.Tensor | SparsePattern,
     shape: tuple[int, int],
     n_trainable: int | None = None,
 ) -> torch.Tensor:
-    """Functional form of :class:`SparseDeltaMatmul`; returns ``x · ΔWᵀ`` in the dtype of ``values``."""
+    """``x · ΔWᵀ`` in the dtype of ``values``; pass a cached :class:`SparsePattern` instead of ``indices`` to skip
+    rebuilding the index structure."""
+    pattern = indices if isinstance(indices, SparsePattern) else SparsePattern.build(indices, shape)
     k = values.numel() if n_trainable is None else n_trainable
-    return SparseDeltaMatmul.apply(x, values, indices, shape[0], shape[1], k)
+    return SparseDeltaMatmul.apply(x, values, pattern, k)
 
 
 def dense_delta(values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
@@ -73,6 +75,16 @@ class SparseConfig(PeftConfig):
             raise ValueError(f"{type(self).__name__}.target_parameters is not supported; use target_modules instead")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(f"{type(self).__name__}.layers_pattern needs layers_to_transform as well")
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` like PEFT does, but atomically (temporary file, then one rename)."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory")
+        os.makedirs(save_directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-config-") as staging:
+            super().save_pretrained(staging, **kwargs)
+            for name in os.listdir(staging):
+                os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
 
     @staticmethod
     def _check_fraction(owner: str, name: str, value: Optional[float]) -> None:

@@ -23,8 +23,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils import resolve_quantization_backend
 from torch import nn
 
-from ..sparse.delta import add_into, dense_delta, gather, index_dtype, sparse_delta_matmul
+from ..sparse.delta import SparsePattern, add_into, dense_delta, gather, index_dtype, sparse_delta_matmul
 from .base import SparseConfig
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Cache keys alternate tensors (compared by identity) and version counters (compared by value)."""
+    return all((x is y) if isinstance(x, torch.Tensor) else (x == y) for x, y in zip(a, b, strict=True))
 
 
 class SparseDeltaLinear(nn.Module, BaseTunerLayer):
@@ -52,6 +57,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         self._merge_originals: dict[str, torch.Tensor] = {}
         self.module_name = module_name
         self.adapter_configs: dict[str, SparseConfig] = {}
+        self._pattern_cache: dict[str, tuple[tuple, SparsePattern]] = {}
         self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
         self._active_adapter = adapter_name
@@ -144,6 +150,22 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         all_indices = torch.cat([indices.long(), self.frozen_indices[adapter_name].long()])
         return all_values, all_indices, values.numel()
 
+    def pattern(self, adapter_name: str) -> SparsePattern:
+        """The CSR layout of the whole delta (active, then frozen), rebuilt only when an index tensor changes.
+
+        The cache key holds the index tensors themselves (so their ids cannot be reused) and their version
+        counters, which every in-place edit (a mask refresh, ``load_state_dict``) increments.
+        """
+        active, frozen = self.indices[adapter_name], self.frozen_indices[adapter_name]
+        key = (active, active._version, frozen, frozen._version)
+        cached = self._pattern_cache.get(adapter_name)
+        if cached is not None and _same_key(cached[0], key):
+            return cached[1]
+        indices = torch.cat([active.long(), frozen.long()]) if frozen.numel() else active
+        built = SparsePattern.build(indices, self.shape)
+        self._pattern_cache[adapter_name] = (key, built)
+        return built
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense ``ΔW`` of one adapter, shape ``(out, in)`` (merging and inspection only)."""
         values, indices, _ = self.delta_tensors(adapter_name)
@@ -163,8 +185,8 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         for name in self.active_adapters:
             if name not in self.values:
                 continue
-            values, indices, n_trainable = self.delta_tensors(name)
-            delta = sparse_delta_matmul(x, values, indices, self.shape, n_trainable)
+            values, _, n_trainable = self.delta_tensors(name)
+            delta = sparse_delta_matmul(x, values, self.pattern(name), self.shape, n_trainable)
             result = result + delta.to(result.dtype)
         return result
 
@@ -210,6 +232,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self.adapter_configs.pop(adapter_name, None)
         self._merge_originals.pop(adapter_name, None)
+        self._pattern_cache.pop(adapter_name, None)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False

@@ -1,0 +1,53 @@
+"""bitsandbytes 4-bit and 8-bit bases (both run on CPU with bitsandbytes 0.50)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import INPUT
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from sparse_peft import LiftConfig, LiftLinear, refresh_masks
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def quantized_base(base_dir, bits: int):
+    if bits == 4:
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    else:
+        qc = BitsAndBytesConfig(load_in_8bit=True)
+    return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=qc, device_map="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_base_trains_and_refreshes(base_dir, bits):
+    model = get_peft_model(quantized_base(base_dir, bits), LiftConfig(rank=2, filter_rank=4, update_interval=1))
+    layer = next(m for m in model.modules() if isinstance(m, LiftLinear))
+    expected_backend = "Bnb4bitBackend" if bits == 4 else "Bnb8bitBackend"
+    assert type(layer.quantization_backend).__name__ == expected_backend
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.float32 for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for step in range(1, 4):
+        loss = model(INPUT, labels=INPUT).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        refresh_masks(model, step, optimizer)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert layer.values["default"].abs().sum() > 0
+
+
+def test_merge_into_quantized_base_warns(base_dir):
+    model = get_peft_model(quantized_base(base_dir, 4), LiftConfig(rank=2, filter_rank=4, init_weights=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.merge_adapter()
+    assert any("lossy" in str(w.message) for w in caught)
+    model.unmerge_adapter()

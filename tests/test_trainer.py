@@ -1,0 +1,82 @@
+"""Training through TRL's SFTTrainer with the sparse callback: refreshes, optimizer state, exact resume."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from conftest import char_tokenizer
+from datasets import Dataset
+from peft import get_peft_model_state_dict
+from trl import SFTConfig, SFTTrainer
+
+from sparse_peft import LiftConfig, LiftLinear, SparsePeftCallback
+
+TEXTS = ["hello world, this is a tiny test.", "sparse adapters are fun!", "one two three four five", "abc def ghi"]
+
+
+def run_sft(base_dir, out, max_steps=4, resume=None, save_steps=2):
+    tokenizer = char_tokenizer()
+    args = SFTConfig(
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        learning_rate=2e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=save_steps,
+        max_length=32,
+        use_cpu=True,
+        dataset_num_proc=None,
+        seed=0,
+        data_seed=0,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=str(base_dir),
+        args=args,
+        train_dataset=Dataset.from_dict({"text": TEXTS * 2}),
+        processing_class=tokenizer,
+        peft_config=LiftConfig(rank=2, filter_rank=4, update_interval=1),
+        callbacks=[SparsePeftCallback()],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    state = {k: v.clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
+    return trainer, losses, state
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(base_dir, tmp_path_factory):
+    return run_sft(base_dir, tmp_path_factory.mktemp("sft_a"))
+
+
+def test_sft_trains_and_refreshes_masks(uninterrupted):
+    trainer, losses, state = uninterrupted
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    layers = [m for m in trainer.model.modules() if isinstance(m, LiftLinear)]
+    assert sum(layer.frozen_values["default"].numel() for layer in layers) > 0  # refreshes retired entries
+    optimizer = trainer.optimizer
+    for layer in layers:
+        values = layer.values["default"]
+        assert optimizer.state[values]["exp_avg"].shape == values.shape
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(uninterrupted, base_dir, tmp_path):
+    trainer_a, losses_a, state_a = uninterrupted
+    source = trainer_a.args.output_dir + "/checkpoint-2"
+    shutil.copytree(source, tmp_path / "checkpoint-2")
+    _, losses_b, state_b = run_sft(base_dir, tmp_path, resume=str(tmp_path / "checkpoint-2"))
+    # the resumed history holds steps 1-2 from the checkpoint and steps 3-4 computed after the resume
+    assert losses_b == pytest.approx(losses_a, abs=1e-6)
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        if "indices" in key:
+            assert torch.equal(state_a[key], state_b[key]), key
+        else:
+            assert torch.allclose(state_a[key], state_b[key], atol=1e-6), key
