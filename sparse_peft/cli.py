@@ -147,14 +147,10 @@ def reload_check(model, model_path: str | None, adapter_dir: Path, tokenizer, da
 
     from .models import load_model_and_tokenizer
 
-    prompts = (
-        [
-            tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-            for row in dataset.select(range(min(4, len(dataset))))
-        ]
-        if dataset is not None and "prompt" in dataset.column_names
-        else ["Hello"]
-    )
+    from .tasks import _prompt_text
+
+    rows = dataset.select(range(min(4, len(dataset)))) if dataset is not None else []
+    prompts = [_prompt_text(tokenizer, row["prompt"]) for row in rows] or ["Hello"]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     fresh_base, _ = load_model_and_tokenizer(model_path)
     reloaded = PeftModel.from_pretrained(fresh_base, str(adapter_dir))
@@ -202,7 +198,7 @@ def train(args: argparse.Namespace) -> int:
         use_cpu=use_cpu,
         bf16=False,
         fp16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         seed=args.seed,
         data_seed=args.seed,
         dataloader_num_workers=0,

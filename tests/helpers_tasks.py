@@ -16,9 +16,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_chat_tokenizer(
-    pad: bool = True, chat_template: str | None = CHAT_TEMPLATE
-) -> PreTrainedTokenizerFast:
+def tiny_chat_tokenizer(pad: bool = True, chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """A character-level tokenizer (vocabulary < 128) with a simple chat template."""
     chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + chars)}

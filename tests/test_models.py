@@ -224,7 +224,5 @@ def test_real_smollm2_loads_caches_and_answers(monkeypatch, tmp_path) -> None:
     )
     with torch.inference_mode():
         output = cached_model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    reply = cached_tokenizer.decode(
-        output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-    )
+    reply = cached_tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in reply

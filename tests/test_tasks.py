@@ -68,9 +68,7 @@ def test_answers_are_correct_integers() -> None:
 def test_answers_follow_the_operation_in_the_wording() -> None:
     for question, answer in arithmetic_problems(300, seed=2):
         a, b = (int(x) for x in _NUMBER.findall(question))
-        subtract = any(
-            word in question for word in ("gives away", "lost", "takes out", "used")
-        )
+        subtract = any(word in question for word in ("gives away", "lost", "takes out", "used"))
         assert int(answer) == (a - b if subtract else a + b), question
 
 
@@ -135,9 +133,7 @@ def test_load_from_disk_dataset_and_dataset_dict(tmp_path) -> None:
     train, evaluation = arithmetic_task(n_train=6, n_eval=3)
     train.save_to_disk(str(tmp_path / "single"))
     assert load_dataset_any(str(tmp_path / "single")).to_list() == train.to_list()
-    datasets.DatasetDict({"train": train, "test": evaluation}).save_to_disk(
-        str(tmp_path / "dict")
-    )
+    datasets.DatasetDict({"train": train, "test": evaluation}).save_to_disk(str(tmp_path / "dict"))
     assert load_dataset_any(str(tmp_path / "dict")).to_list() == train.to_list()
 
 
@@ -148,9 +144,7 @@ def test_missing_columns_give_a_clear_error(tmp_path) -> None:
         load_dataset_any(str(path))
     assert "answer" in str(err.value)  # the message describes the whole expected format
 
-    datasets.Dataset.from_list([{"prompt": "a", "completion": "b"}]).save_to_disk(
-        str(tmp_path / "no_answer")
-    )
+    datasets.Dataset.from_list([{"prompt": "a", "completion": "b"}]).save_to_disk(str(tmp_path / "no_answer"))
     load_dataset_any(str(tmp_path / "no_answer"))  # fine for training
     with pytest.raises(ValueError, match=r"missing column\(s\) \['answer'\]"):
         load_dataset_any(str(tmp_path / "no_answer"), require_answer=True)
@@ -244,9 +238,7 @@ def test_evaluate_works_without_pad_token_and_on_a_peft_model() -> None:
     from peft import LoraConfig, get_peft_model
 
     tokenizer = tiny_chat_tokenizer(pad=False)
-    peft_model = get_peft_model(
-        tiny_chat_model(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
-    )
+    peft_model = get_peft_model(tiny_chat_model(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     peft_model.train()
     _, evaluation = arithmetic_task(n_train=0, n_eval=3)
     result = evaluate_exact_match(peft_model, tokenizer, evaluation, max_new_tokens=2)

@@ -34,7 +34,7 @@ def run_sft(base_dir, out, max_steps=4, resume=None, save_steps=2):
         data_seed=0,
         bf16=False,
         fp16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         disable_tqdm=True,
     )
     trainer = SFTTrainer(

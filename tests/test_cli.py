@@ -1,0 +1,86 @@
+"""The main job's command line on a tiny local model and user data (the real model run is in the README)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import char_tokenizer, tiny_llama
+
+from sparse_peft.cli import build_config, main, parse_set
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    path = tmp_path / "tiny"
+    tiny_llama().save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def _rows(n):
+    rows = []
+    for i in range(n):
+        a, b = i % 7, (i * 3) % 5
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"{a}+{b}="}],
+                "completion": [{"role": "assistant", "content": str(a + b)}],
+                "answer": str(a + b),
+            }
+        )
+    return rows
+
+
+def test_train_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsys):
+    train = _jsonl(tmp_path / "train.jsonl", _rows(16))
+    evaluation = _jsonl(tmp_path / "eval.jsonl", _rows(4))
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--model", str(tiny_model_dir),
+            "--data", str(train),
+            "--eval-data", str(evaluation),
+            "--steps", "3",
+            "--batch-size", "4",
+            "--max-length", "32",
+            "--set", "filter_rank=4",
+            "--set", "rank=2",
+            "--set", "update_interval=2",
+            "--output", str(out),
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reload_max_abs_logit_diff"] <= 1e-4
+    assert summary["trainable_parameters"] > 0
+    assert summary["before"]["n"] == 4 and summary["after"]["n"] == 4
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    assert summary["adapter_bytes"] <= 1.05 * summary["k_times_value_plus_index_bytes"] + 8192
+    for label in ("exact match", "trainable parameters", "median step time", "adapter bytes on disk", "reload check"):
+        assert label in printed
+
+
+def test_output_that_holds_files_is_refused(tiny_model_dir, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"precious")
+    with pytest.raises(SystemExit, match="never overwrites"):
+        main(["train", "--model", str(tiny_model_dir), "--output", str(out), "--steps", "1"])
+    assert (out / "adapter_model.safetensors").read_bytes() == b"precious"
+
+
+def test_set_parsing_and_unknown_fields():
+    assert parse_set(["rank=8", "svd=randomized", "density=0.01"]) == {"rank": 8, "svd": "randomized", "density": 0.01}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_set(["rank"])
+    with pytest.raises(SystemExit, match="no field"):
+        build_config("lift", {"ranks": 3})
+    assert build_config("lift", {"rank": 3}).rank == 3
