@@ -146,7 +146,6 @@ def reload_check(model, model_path: str | None, adapter_dir: Path, tokenizer, da
     from peft import PeftModel
 
     from .models import load_model_and_tokenizer
-
     from .tasks import _prompt_text
 
     rows = dataset.select(range(min(4, len(dataset)))) if dataset is not None else []
