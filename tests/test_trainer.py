@@ -16,7 +16,7 @@ from sparse_peft import LiftConfig, LiftLinear, SparsePeftCallback
 TEXTS = ["hello world, this is a tiny test.", "sparse adapters are fun!", "one two three four five", "abc def ghi"]
 
 
-def run_sft(base_dir, out, max_steps=4, resume=None, save_steps=2):
+def run_sft(base_dir, out, max_steps=4, resume=None, save_steps=2, checkpointing=False):
     tokenizer = char_tokenizer()
     args = SFTConfig(
         output_dir=str(out),
@@ -34,7 +34,7 @@ def run_sft(base_dir, out, max_steps=4, resume=None, save_steps=2):
         data_seed=0,
         bf16=False,
         fp16=False,
-        activation_checkpointing=False,
+        activation_checkpointing=checkpointing,
         disable_tqdm=True,
     )
     trainer = SFTTrainer(
@@ -80,3 +80,11 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(uninterrupted, base_dir
             assert torch.equal(state_a[key], state_b[key]), key
         else:
             assert torch.allclose(state_a[key], state_b[key], atol=1e-6), key
+
+
+def test_sft_with_activation_checkpointing(base_dir, tmp_path):
+    """TRL's default (checkpointing on, inputs requiring grad) recomputes the sparse forward in backward."""
+    trainer, losses, state = run_sft(base_dir, tmp_path, max_steps=2, save_steps=100, checkpointing=True)
+    assert len(losses) == 2 and all(loss == loss for loss in losses)
+    layer = next(m for m in trainer.model.modules() if isinstance(m, LiftLinear))
+    assert layer.values["default"].abs().sum() > 0
