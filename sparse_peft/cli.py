@@ -29,7 +29,7 @@ logger = logging.getLogger("sparse_peft")
 
 #: Settings of each method for the main job (a 135M model, a few hundred steps); anything can be overridden by --set.
 MAIN_JOB_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lift": {"rank": 16, "filter_rank": 32, "update_interval": 50},
+    "lift": {"rank": 16, "filter_rank": 32, "update_interval": 40},
 }
 MAIN_JOB_LR: dict[str, float] = {"lift": 1e-3}
 
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-data", default=None, help="evaluation set with an 'answer' column (for --data)")
     t.add_argument("--n-train", type=int, default=2000, help="built-in task: training problems")
     t.add_argument("--n-eval", type=int, default=100, help="built-in task: evaluation problems")
-    t.add_argument("--steps", type=int, default=150, help="optimizer steps")
+    t.add_argument("--steps", type=int, default=100, help="optimizer steps")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's main-job default)")
     t.add_argument("--max-length", type=int, default=128)

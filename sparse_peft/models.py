@@ -132,6 +132,8 @@ def _load_default(
     _finalize(model, tokenizer)
     try:
         save_cache_atomically(model, tokenizer, cached)
+        # adapters record this as base_model_name_or_path: point it at the loadable cache, not the GGUF folder
+        model.name_or_path = str(cached)
     except OSError as err:  # an unwritable cache must not break loading
         logger.warning("Could not write the model cache to %s: %s", cached, err)
     return model.to(dtype), tokenizer
