@@ -15,14 +15,19 @@ from __future__ import annotations
 from peft import AutoPeftModelForCausalLM, PeftModel
 
 from ._version import __version__
-from .callbacks import SparsePeftCallback, refresh_masks
+from .callbacks import ScheduleContext, SparsePeftCallback, begin_step, refresh_masks
+from .optim import SparseSM3
 from .registry import install_io_guards, register_method
 from .tuners.lift.config import LiftConfig
 from .tuners.lift.layer import LiftLinear
 from .tuners.lift.model import LiftModel
+from .tuners.spiel.config import SpielConfig
+from .tuners.spiel.layer import SpielLinear
+from .tuners.spiel.model import SpielModel
 
 METHODS: dict[str, tuple[type, type]] = {
     "lift": (LiftConfig, LiftModel),
+    "spiel": (SpielConfig, SpielModel),
 }
 
 for _name, (_config_cls, _model_cls) in METHODS.items():
@@ -36,7 +41,13 @@ __all__ = [
     "LiftLinear",
     "LiftModel",
     "PeftModel",
+    "ScheduleContext",
     "SparsePeftCallback",
+    "SparseSM3",
+    "SpielConfig",
+    "SpielLinear",
+    "SpielModel",
     "__version__",
+    "begin_step",
     "refresh_masks",
 ]

@@ -1,63 +1,162 @@
 """Trainer callbacks that drive what happens between optimizer steps.
 
 Works unchanged with ``transformers.Trainer`` and TRL's ``SFTTrainer`` / ``DPOTrainer``: pass
-``callbacks=[SparsePeftCallback()]`` (or ``trainer.add_callback(...)``). Mask surgery runs in ``on_step_end``, after
-the optimizer step and ``zero_grad``, on the unwrapped PEFT model and accelerate's optimizer wrapper, whose
-``.state`` is the inner optimizer's, so moments move with their slots.
+``callbacks=[SparsePeftCallback()]`` (or ``trainer.add_callback(...)``). Each sparse layer exposes two hooks,
+``on_step_begin`` (open statistics windows before the step's forward/backward passes) and ``on_step_end`` (mask
+surgery after the optimizer step and ``zero_grad``), which the callback calls for every active adapter. The callback
+passes accelerate's optimizer wrapper, whose ``.state`` is the inner optimizer's, so moments move with their slots.
 
-Every decision is a pure function of the weights and ``global_step``, so DDP ranks (which hold identical weights)
-make identical decisions, and a run resumed from a checkpoint repeats the uninterrupted run.
+Decisions are pure functions of the weights, of statistics that are all-reduced across processes, and of
+``global_step``: DDP ranks make identical decisions. Open statistics windows are saved with each checkpoint
+(``ExportableState``), so a resumed run repeats the uninterrupted one.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 logger = logging.getLogger(__name__)
 
 
-def refreshable_layers(model: nn.Module) -> Iterator[nn.Module]:
-    """Layers of ``model`` whose masks can change during training (they define ``refresh_mask``)."""
-    for module in model.modules():
-        if callable(getattr(module, "refresh_mask", None)) and callable(getattr(module, "refresh_due", None)):
-            yield module
+@dataclass
+class ScheduleContext:
+    """What a layer's schedule needs to know about the run."""
+
+    total_steps: int = 0
+    group: Any = None  # process group for statistics all-reduces (None: single process)
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group) if self.group is not None else 1
 
 
-def refresh_masks(model: nn.Module, global_step: int, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Refresh every adapter mask that is due after optimizer step ``global_step``; returns slots changed.
+def sparse_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, layer)`` for every sparse_peft layer with schedule hooks."""
+    for name, module in model.named_modules():
+        if callable(getattr(module, "on_step_end", None)) and hasattr(module, "adapter_configs"):
+            yield name, module
 
-    Only active, unmerged, enabled adapters are refreshed: a frozen adapter does not train, so its mask stays.
+
+def _scheduled(layer: nn.Module) -> list[str]:
+    if layer.disable_adapters or layer.merged:
+        return []
+    return [name for name in layer.active_adapters if name in layer.adapter_configs]
+
+
+def begin_step(model: nn.Module, step: int, context: ScheduleContext | None = None) -> None:
+    """Call before optimizer step ``step`` (1-based) in a custom training loop."""
+    context = context or ScheduleContext()
+    for _, layer in sparse_layers(model):
+        for name in _scheduled(layer):
+            layer.on_step_begin(name, step, context)
+
+
+def refresh_masks(
+    model: nn.Module,
+    global_step: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    context: ScheduleContext | None = None,
+) -> int:
+    """Call after optimizer step ``global_step`` in a custom training loop: runs every mask change that is due
+    (LIFT refreshes, SpIEL drop-and-regrow) and returns how many slots moved.
+
+    Only active, unmerged, enabled adapters change: a frozen adapter does not train, so its mask stays.
     """
-    changed = 0
-    for layer in refreshable_layers(model):
-        if layer.disable_adapters or layer.merged:
-            continue
-        for name in layer.active_adapters:
-            if name in layer.values and layer.refresh_due(name, global_step):
-                changed += layer.refresh_mask(name, optimizer)
-    return changed
+    context = context or ScheduleContext()
+    return sum(
+        layer.on_step_end(name, global_step, optimizer, context)
+        for _, layer in sparse_layers(model)
+        for name in _scheduled(layer)
+    )
 
 
-class SparsePeftCallback(TrainerCallback):
-    """Runs the sparse methods' schedules: LIFT's periodic mask refresh (and later methods' regrowth)."""
+def _stats_group() -> Any:
+    """A process group of its own for statistics collectives, so they never interleave with DDP's all-reduces."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend=dist.get_backend())
 
-    def on_step_end(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: nn.Module | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
-        **kwargs: Any,
-    ) -> None:
+
+class SparsePeftCallback(TrainerCallback, ExportableState):
+    """Runs the sparse methods' schedules: LIFT's mask refresh and SpIEL's windows and drop-and-regrow."""
+
+    def __init__(self, window_state: dict | None = None) -> None:
+        self.window_state = window_state or {}
+        self._model: nn.Module | None = None
+        self._context = ScheduleContext()
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        model = kwargs.get("model")
+        self._model = model
+        optimizer = kwargs.get("optimizer")
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if model is not None and callable(getattr(inner, "bind", None)) and not getattr(inner, "bound", True):
+            inner.bind(model)
+        self._context = ScheduleContext(total_steps=state.max_steps, group=_stats_group())
+        saved = self.window_state or _saved_window_state(state)
+        if model is not None and saved and state.global_step > 0:
+            restore_window_state(model, saved)
+        self.window_state = {}
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        model = kwargs.get("model")
+        if model is not None:
+            begin_step(model, state.global_step + 1, self._context)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        model = kwargs.get("model")
         if model is None:
             return
-        changed = refresh_masks(model, state.global_step, optimizer)
-        if changed:
-            logger.info("step %d: sparse masks refreshed, %d slots moved", state.global_step, changed)
+        moved = refresh_masks(model, state.global_step, kwargs.get("optimizer"), self._context)
+        if moved:
+            logger.info("step %d: sparse masks changed, %d slots moved", state.global_step, moved)
+
+    def state(self) -> dict:
+        saved = collect_window_state(self._model) if self._model is not None else {}
+        return {"args": {}, "attributes": {"window_state": saved}}
+
+
+def _saved_window_state(state: TrainerState) -> dict:
+    """Window statistics of a resumed checkpoint, read from its trainer state.
+
+    Trainer only re-creates stateful callbacks when ``restore_callback_states_from_checkpoint`` is set, but it always
+    loads ``stateful_callbacks`` from the checkpoint's ``trainer_state.json``; reading them here makes exact resume
+    the default.
+    """
+    saved = (state.stateful_callbacks or {}).get(SparsePeftCallback.__name__)
+    if isinstance(saved, list):
+        saved = saved[-1] if saved else None
+    if not isinstance(saved, dict):
+        return {}
+    return saved.get("attributes", {}).get("window_state", {}) or {}
+
+
+def collect_window_state(model: nn.Module) -> dict:
+    """JSON-ready statistics of every open window, keyed by layer name and adapter."""
+    result = {}
+    for name, layer in sparse_layers(model):
+        export = getattr(layer, "export_window", None)
+        if export is not None:
+            for adapter, payload in export().items():
+                result.setdefault(name, {})[adapter] = payload
+    return result
+
+
+def restore_window_state(model: nn.Module, saved: dict) -> None:
+    """Put statistics saved by :func:`collect_window_state` back into the layers."""
+    layers = dict(sparse_layers(model))
+    for name, per_adapter in saved.items():
+        layer = layers.get(name)
+        if layer is None:
+            logger.warning("checkpoint has window statistics for unknown layer %s; ignored", name)
+            continue
+        layer.import_window(per_adapter)

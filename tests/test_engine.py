@@ -145,3 +145,26 @@ def test_unknown_per_element_state_is_refused():
     optimizer.state[param]["mystery"] = torch.zeros(4)
     with pytest.raises(TypeError, match="mystery"):
         slot_state(optimizer, param)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_values_run_in_float32_kernels(dtype):
+    values, indices = _random_delta()
+    values = values.detach().to(dtype).requires_grad_(True)
+    x = torch.randn(4, 10, dtype=dtype, requires_grad=True)
+    y = sparse_delta_matmul(x, values, indices, (12, 10))
+    y.sum().backward()
+    assert values.grad.dtype == dtype and x.grad.dtype == dtype
+    expected = x.detach().float() @ dense_delta(values.detach().float(), indices, (12, 10)).t()
+    assert torch.allclose(y.float(), expected, atol=1e-2)
+
+
+def test_runs_under_cpu_bf16_autocast():
+    """Trainer's bf16 mixed precision autocasts matmuls; the sparse kernels must opt out (no bf16 CSR on CPU)."""
+    values, indices = _random_delta()
+    values = values.detach().float().requires_grad_(True)
+    x = torch.randn(4, 10, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sparse_delta_matmul(x, values, indices, (12, 10))
+    y.sum().backward()
+    assert y.dtype == torch.float32 and values.grad is not None and x.grad is not None

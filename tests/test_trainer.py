@@ -11,12 +11,12 @@ from datasets import Dataset
 from peft import get_peft_model_state_dict
 from trl import SFTConfig, SFTTrainer
 
-from sparse_peft import LiftConfig, LiftLinear, SparsePeftCallback
+from sparse_peft import LiftConfig, LiftLinear, SparsePeftCallback, SpielConfig
 
 TEXTS = ["hello world, this is a tiny test.", "sparse adapters are fun!", "one two three four five", "abc def ghi"]
 
 
-def run_sft(base_dir, out, max_steps=4, resume=None, save_steps=2, checkpointing=False):
+def run_sft(base_dir, out, max_steps=4, resume=None, save_steps=2, checkpointing=False, peft_config=None):
     tokenizer = char_tokenizer()
     args = SFTConfig(
         output_dir=str(out),
@@ -42,7 +42,7 @@ def run_sft(base_dir, out, max_steps=4, resume=None, save_steps=2, checkpointing
         args=args,
         train_dataset=Dataset.from_dict({"text": TEXTS * 2}),
         processing_class=tokenizer,
-        peft_config=LiftConfig(rank=2, filter_rank=4, update_interval=1),
+        peft_config=peft_config or LiftConfig(rank=2, filter_rank=4, update_interval=1),
         callbacks=[SparsePeftCallback()],
     )
     trainer.train(resume_from_checkpoint=resume)
@@ -88,3 +88,30 @@ def test_sft_with_activation_checkpointing(base_dir, tmp_path):
     assert len(losses) == 2 and all(loss == loss for loss in losses)
     layer = next(m for m in trainer.model.modules() if isinstance(m, LiftLinear))
     assert layer.values["default"].abs().sum() > 0
+
+
+def _spiel():
+    return SpielConfig(density=0.1, reselection_steps=3, selection_accumulation_steps=2, initial_reselection_rate=0.5)
+
+
+def test_spiel_resume_mid_window_equals_uninterrupted_run(base_dir, tmp_path):
+    """Checkpoint after step 4, inside the window of steps 4-5 that selects after step 5: the window's statistics
+    travel in the checkpoint, so the resumed run makes the same selection."""
+    _, losses_a, state_a = run_sft(base_dir, tmp_path / "a", max_steps=7, save_steps=4, peft_config=_spiel())
+    shutil.copytree(tmp_path / "a" / "checkpoint-4", tmp_path / "b" / "checkpoint-4")
+    saved = (tmp_path / "b" / "checkpoint-4" / "trainer_state.json").read_text()
+    assert '"candidates"' in saved  # the open window was exported
+    _, losses_b, state_b = run_sft(
+        base_dir,
+        tmp_path / "b",
+        max_steps=7,
+        save_steps=4,
+        peft_config=_spiel(),
+        resume=str(tmp_path / "b" / "checkpoint-4"),
+    )
+    assert losses_b == pytest.approx(losses_a, abs=1e-6)
+    for key in state_a:
+        if "indices" in key:
+            assert torch.equal(state_a[key], state_b[key]), key
+        else:
+            assert torch.allclose(state_a[key], state_b[key], atol=1e-6), key

@@ -26,6 +26,7 @@ float32 delta also keeps small updates from vanishing against a bf16 weight.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,15 @@ def _compressed(keys: torch.Tensor, size: int) -> torch.Tensor:
     return pointers
 
 
+def _no_autocast(x: torch.Tensor) -> torch.autocast:
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _kernel_values(values: torch.Tensor) -> torch.Tensor:
+    """Values in a dtype the sparse kernels support: half precisions run in float32 (a k-sized copy)."""
+    return values.float() if values.dtype in (torch.bfloat16, torch.float16) else values
+
+
 def _as_2d(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(dtype)
 
@@ -118,26 +128,42 @@ class SparseDeltaMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: torch.Tensor, values: torch.Tensor, pattern: SparsePattern, n_trainable: int
+        ctx,
+        x: torch.Tensor,
+        values: torch.Tensor,
+        pattern: SparsePattern,
+        n_trainable: int,
+        observer: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        y = torch.mm(pattern.matrix(values), _as_2d(x, values.dtype).t()).t()
+        work = _kernel_values(values)
+        with _no_autocast(x):  # autocast would turn the CSR matmul into bf16, which CPU kernels lack
+            y = torch.mm(pattern.matrix(work), _as_2d(x, work.dtype).t()).t()
         ctx.save_for_backward(x, values)
         ctx.pattern = pattern
         ctx.n_trainable = n_trainable
+        ctx.observer = observer
         return y.reshape(*x.shape[:-1], pattern.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         x, values = ctx.saved_tensors
         pattern: SparsePattern = ctx.pattern
-        g2 = _as_2d(grad_out, values.dtype)
+        with _no_autocast(x):
+            return SparseDeltaMatmul._backward(ctx, x, values, pattern, grad_out)
+
+    @staticmethod
+    def _backward(ctx, x: torch.Tensor, values: torch.Tensor, pattern: SparsePattern, grad_out: torch.Tensor):
+        work = _kernel_values(values)
+        g2 = _as_2d(grad_out, work.dtype)
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(pattern.transposed(values), g2.t()).t().reshape(x.shape).to(x.dtype)
+            grad_x = torch.mm(pattern.transposed(work), g2.t()).t().reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_values = pattern.sampled_grad(g2, _as_2d(x, values.dtype))
+            grad_values = pattern.sampled_grad(g2, _as_2d(x, work.dtype)).to(values.dtype)
             grad_values[ctx.n_trainable :] = 0
-        return grad_x, grad_values, None, None
+        if ctx.observer is not None:  # e.g. SpIEL's candidate statistics, only while a selection window is open
+            ctx.observer(g2, _as_2d(x, work.dtype))
+        return grad_x, grad_values, None, None, None
 
 
 def sampled_grad(
@@ -157,12 +183,14 @@ def sparse_delta_matmul(
     indices: torch.Tensor | SparsePattern,
     shape: tuple[int, int],
     n_trainable: int | None = None,
+    observer: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """``x · ΔWᵀ`` in the dtype of ``values``; pass a cached :class:`SparsePattern` instead of ``indices`` to skip
-    rebuilding the index structure."""
+    """``x · ΔWᵀ`` (float32 for half-precision ``values``); pass a cached :class:`SparsePattern` instead of
+    ``indices`` to skip rebuilding the index structure. ``observer(grad_out_2d, x_2d)``, if given, is called once
+    in backward."""
     pattern = indices if isinstance(indices, SparsePattern) else SparsePattern.build(indices, shape)
     k = values.numel() if n_trainable is None else n_trainable
-    return SparseDeltaMatmul.apply(x, values, pattern, k)
+    return SparseDeltaMatmul.apply(x, values, pattern, k, observer)
 
 
 def dense_delta(values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

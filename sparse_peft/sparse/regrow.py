@@ -15,6 +15,10 @@ import torch
 SLOT_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta", "sum")
 
 
+# Optimizer state that is not per slot even when its length happens to equal k (SM3's row/column covers).
+NON_SLOT_STATE_KEYS = ("step", "row_acc", "col_acc")
+
+
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The innermost optimizer under wrappers such as accelerate's ``AcceleratedOptimizer``."""
     while hasattr(optimizer, "optimizer") and optimizer.optimizer is not optimizer:
@@ -33,7 +37,9 @@ def slot_state(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> 
     state = unwrap_optimizer(optimizer).state.get(param, {})
     slots = {}
     for key, value in state.items():
-        if not (isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() > 0):
+        if key in NON_SLOT_STATE_KEYS or not (
+            isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() > 0
+        ):
             continue
         if key not in SLOT_STATE_KEYS:
             raise TypeError(
@@ -77,3 +83,55 @@ def source_map(old_positions: torch.Tensor, new_positions: torch.Tensor) -> torc
     where = torch.searchsorted(sorted_old, new).clamp(max=max(old.numel() - 1, 0))
     hit = sorted_old[where] == new if old.numel() else torch.zeros_like(new, dtype=torch.bool)
     return torch.where(hit, order[where], torch.full_like(new, -1))
+
+
+def plan_drop_and_grow(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    candidates: torch.Tensor,
+    scores: torch.Tensor,
+    n: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose which slots move where (SpIEL's drop-and-grow); returns ``(slots, new_positions)``.
+
+    * **Drop:** the ``n`` slots with the smallest ``|value|`` (the entries that moved least; ties by slot order).
+    * **Grow:** among ``candidates`` that are not active in a kept slot, the ``n`` with the largest ``scores``
+      (ties by candidate order). A dropped position that is regrown keeps its slot, value and moments.
+    * If fewer positions can grow than are dropped, only that many slots change, smallest ``|value|`` first.
+
+    Everything is deterministic, so identical inputs give identical plans on every DDP rank.
+    """
+    k = values.numel()
+    n = min(n, k)
+    empty = torch.zeros(0, dtype=torch.long, device=indices.device)
+    if n <= 0 or candidates.numel() == 0:
+        return empty, empty.to(indices.dtype)
+    drop = torch.sort(values.detach().abs().float(), stable=True).indices[:n]
+    kept = torch.ones(k, dtype=torch.bool, device=indices.device)
+    kept[drop] = False
+    eligible = ~torch.isin(candidates.long(), indices.long()[kept])
+    pool, pool_scores = candidates[eligible], scores[eligible].float()
+    order = torch.sort(pool_scores, descending=True, stable=True).indices[:n]
+    incoming = pool[order].long()
+    regrown = torch.isin(indices.long()[drop], incoming)  # outgoing and incoming: stays where it is
+    moving_slots = drop[~regrown]
+    fresh = incoming[~torch.isin(incoming, indices.long()[drop])]
+    count = min(moving_slots.numel(), fresh.numel())
+    return moving_slots[:count], fresh[:count].to(indices.dtype)
+
+
+def reset_slots(
+    param: torch.Tensor,
+    slots: torch.Tensor,
+    optimizer: torch.optim.Optimizer | None,
+    reseed: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Zero ``param[slots]`` and its per-slot optimizer state, or set state key ``key`` to ``reseed[key]``."""
+    source = torch.arange(param.numel(), device=param.device)
+    source[slots] = -1
+    states = slot_state(optimizer, param)
+    remap_parameter(param, source, optimizer)
+    for key, value in (reseed or {}).items():
+        if key in states:
+            with torch.no_grad():
+                states[key][slots] = value.to(states[key].dtype)

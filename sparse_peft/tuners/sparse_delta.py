@@ -97,6 +97,18 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         """Initial flat positions (``k`` unique, sorted) for a new adapter."""
         raise NotImplementedError
 
+    def gradient_observer(self, adapter_name: str):
+        """A callable ``(grad_out_2d, x_2d) -> None`` to run in this layer's backward, or None (the default)."""
+        return None
+
+    # ---- schedule hooks, driven by :class:`sparse_peft.SparsePeftCallback` -----------------------------------
+    def on_step_begin(self, adapter_name: str, step: int, context: Any) -> None:
+        """Called before optimizer step ``step`` (1-based) runs its forward/backward passes."""
+
+    def on_step_end(self, adapter_name: str, step: int, optimizer: Any, context: Any) -> int:
+        """Called after optimizer step ``step`` (1-based); returns how many slots moved."""
+        return 0
+
     def base_weight_float(self) -> torch.Tensor:
         """The (dequantized) base weight in float32; a transient copy for quantized or low-precision bases."""
         return self.get_base_weight().float()
@@ -186,7 +198,8 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
             if name not in self.values:
                 continue
             values, _, n_trainable = self.delta_tensors(name)
-            delta = sparse_delta_matmul(x, values, self.pattern(name), self.shape, n_trainable)
+            observer = self.gradient_observer(name) if self.training and torch.is_grad_enabled() else None
+            delta = sparse_delta_matmul(x, values, self.pattern(name), self.shape, n_trainable, observer)
             result = result + delta.to(result.dtype)
         return result
 

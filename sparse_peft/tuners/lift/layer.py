@@ -59,6 +59,10 @@ class LiftLinear(SparseDeltaLinear):
         interval = self.adapter_configs[adapter_name].update_interval
         return bool(interval) and global_step > 0 and global_step % interval == 0
 
+    def on_step_end(self, adapter_name: str, step: int, optimizer=None, context=None) -> int:
+        """LIFT's schedule: refresh the mask after every ``update_interval``-th optimizer step."""
+        return self.refresh_mask(adapter_name, optimizer) if self.refresh_due(adapter_name, step) else 0
+
     @torch.no_grad()
     def refresh_mask(self, adapter_name: str, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
         """Recompute the principal-weight mask from the current weight ``W + ΔW``; returns how many slots changed.

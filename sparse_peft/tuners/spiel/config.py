@@ -1,0 +1,72 @@
+"""Configuration of SpIEL: sparse fine-tuning with drop-and-regrow."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional
+
+from ..base import SparseConfig
+
+
+@dataclass
+class SpielConfig(SparseConfig):
+    """SpIEL (Ansell et al., 2024, "Scaling Sparse Fine-Tuning to Large Language Models").
+
+    Each target matrix keeps a fixed number ``k`` of trainable entries (``k = density·m·n``, or ``(m+n)·rank`` to
+    match a LoRA of that rank). Every ``reselection_steps`` (R) optimizer steps, after accumulating statistics over
+    ``selection_accumulation_steps`` (S) steps, the ``⌊k·p⌋`` entries whose deltas moved least are dropped and as
+    many are grown. The first selection (after step S) uses ``p = 1`` and replaces the random initial entries
+    completely; after that ``p = ζ₀·(1 − t/T)`` (linear) or ``ζ₀·(1 + cos(πt/T))/2`` (cosine), ``ζ₀`` =
+    ``initial_reselection_rate``, and no selection happens after ``T`` steps.
+
+    Growth criteria (``selection_algorithm``):
+
+    * ``"rigl"`` (SpIEL-AG): candidates are the top-k of the dense gradient on the window's first micro-batch,
+      scored by the gradient accumulated over the window; new slots' Adam moments are reseeded from it.
+    * ``"sm3"`` (SpIEL-MA): train with :class:`sparse_peft.SparseSM3`; inactive positions are scored by the outer
+      product of its row and column accumulators, so no dense gradient is ever formed.
+    """
+
+    method: ClassVar[str] = "spiel"
+
+    density: Optional[float] = field(default=0.01, metadata={"help": "Fraction of each matrix that is trainable."})
+    rank: Optional[int] = field(default=None, metadata={"help": "LoRA-matched budget k=(m+n)*rank; overrides density."})
+    selection_algorithm: Literal["rigl", "sm3"] = field(default="rigl", metadata={"help": "'rigl' (AG) or 'sm3' (MA)."})
+    reselection_steps: int = field(default=20, metadata={"help": "R: optimizer steps between selections."})
+    selection_accumulation_steps: int = field(default=5, metadata={"help": "S: steps of statistics per selection."})
+    initial_reselection_rate: float = field(default=0.2, metadata={"help": "ζ₀: fraction replaced at the start."})
+    reselection_rate_policy: Literal["linear", "cosine"] = field(default="linear", metadata={"help": "Decay of ζ."})
+    total_steps: Optional[int] = field(
+        default=None, metadata={"help": "T: no selection after this step (default: the trainer's max_steps)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        owner = type(self).__name__
+        self._check_fraction(owner, "density", self.density)
+        self._check_positive(owner, "rank", self.rank)
+        if self.density is None and self.rank is None:
+            raise ValueError(f"{owner} needs density or rank to size each matrix's delta")
+        self._check_positive(owner, "reselection_steps", self.reselection_steps)
+        self._check_positive(owner, "selection_accumulation_steps", self.selection_accumulation_steps)
+        if self.selection_accumulation_steps >= self.reselection_steps:
+            raise ValueError(
+                f"{owner}.selection_accumulation_steps ({self.selection_accumulation_steps}) must be smaller than "
+                f"reselection_steps ({self.reselection_steps})"
+            )
+        self._check_fraction(owner, "initial_reselection_rate", self.initial_reselection_rate)
+        self._check_positive(owner, "total_steps", self.total_steps)
+        if self.selection_algorithm not in ("rigl", "sm3"):
+            raise ValueError(f"{owner}.selection_algorithm must be 'rigl' or 'sm3', got {self.selection_algorithm!r}")
+        if self.reselection_rate_policy not in ("linear", "cosine"):
+            raise ValueError(f"{owner}.reselection_rate_policy must be 'linear' or 'cosine'")
+
+    def reselection_rate(self, step: int, total_steps: int) -> float:
+        """Fraction of slots replaced at a selection after ``step`` optimizer steps (1 at the first selection)."""
+        if step == self.selection_accumulation_steps:
+            return 1.0
+        progress = min(step / total_steps, 1.0) if total_steps else 0.0
+        if self.reselection_rate_policy == "cosine":
+            return self.initial_reselection_rate * (1 + math.cos(math.pi * progress)) / 2
+        return self.initial_reselection_rate * (1 - progress)

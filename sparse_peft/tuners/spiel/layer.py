@@ -1,0 +1,226 @@
+"""The SpIEL layer: a fixed-size sparse delta whose entries are dropped and regrown during training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ...sparse.delta import SparsePattern
+from ...sparse.regrow import plan_drop_and_grow, reset_slots, unwrap_optimizer
+from ...sparse.select import random_score, topk_positions
+from ..sparse_delta import SparseDeltaLinear
+from .config import SpielConfig
+
+
+@dataclass
+class Window:
+    """Statistics of one open selection window (SpIEL-AG), all float32 and sized k.
+
+    ``candidates``: flat positions nominated on the window's first micro-batch; ``sum_g`` / ``sum_g2``: per
+    optimizer step gradient ``G_t`` at the candidates summed over the window (``Σ G_t``, ``Σ G_t²``); ``pending``:
+    the current step's micro-batch contributions, all-reduced across processes at the step's end.
+    """
+
+    candidates: Optional[torch.Tensor] = None
+    pattern: Optional[SparsePattern] = None
+    sum_g: Optional[torch.Tensor] = None
+    sum_g2: Optional[torch.Tensor] = None
+    pending: Optional[torch.Tensor] = None
+    steps: int = 0
+    group: Any = field(default=None, repr=False)
+
+
+class SpielLinear(SparseDeltaLinear):
+    """SpIEL on one linear layer (Ansell et al., 2024).
+
+    Forward: ``y = x Wᵀ + b + x ΔWᵀ``, ``ΔW = scatter(values, indices)``, ``k = |indices|`` fixed.
+
+    Schedule (``t`` = completed optimizer steps, R = ``reselection_steps``, S = ``selection_accumulation_steps``):
+    statistics are collected during steps with ``(t−1) mod R < S`` and a selection runs after steps with
+    ``t mod R = S`` and ``t ≤ T``.
+
+    Adam reseeding: the reference keeps a per-element age ``a`` and sets ``m = m̄(1−β₁ᵃ)``, ``v = v̄(1−β₂ᵃ)``, so the
+    bias-corrected moments of a new slot equal the window means ``m̄ = ΣG/a``, ``v̄ = ΣG²/a``. torch's AdamW keeps one
+    step count ``t`` per tensor, so we set ``m = m̄(1−β₁ᵗ)``, ``v = v̄(1−β₂ᵗ)``: the bias-corrected moments again equal
+    ``m̄`` and ``v̄``, which is the paper's intent.
+
+    Distributed: the first micro-batch's dense gradient (a transient of this layer) and every step's candidate
+    statistics are all-reduced on a process group of their own before anything is chosen, so all ranks agree.
+    """
+
+    prefix = "sparse_peft_spiel_"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._windows: dict[str, Window] = {}
+        self._collecting: set[str] = set()
+        super().__init__(*args, **kwargs)
+
+    # ---- budget and initial mask -------------------------------------------------------------------------
+    def budget(self, config: SpielConfig) -> int:
+        if config.rank is not None:
+            return min((self.out_features + self.in_features) * config.rank, self.numel)
+        return max(1, round(config.density * self.numel))
+
+    def select(self, config: SpielConfig, adapter_name: str, k: int) -> torch.Tensor:
+        """A seeded uniform random k-subset (the first selection replaces it completely)."""
+        return topk_positions(random_score(self.shape, config.seed), k, seed=config.seed)
+
+    # ---- schedule ------------------------------------------------------------------------------------------
+    def _total(self, config: SpielConfig, context: Any) -> int:
+        return config.total_steps or getattr(context, "total_steps", 0) or 0
+
+    def collecting(self, config: SpielConfig, step: int, total: int) -> bool:
+        return (step - 1) % config.reselection_steps < config.selection_accumulation_steps and (
+            not total or step <= total
+        )
+
+    def selecting(self, config: SpielConfig, step: int, total: int) -> bool:
+        R, S = config.reselection_steps, config.selection_accumulation_steps
+        return step >= S and step % R == S and (not total or step <= total)
+
+    def on_step_begin(self, adapter_name: str, step: int, context: Any = None) -> None:
+        config = self.adapter_configs[adapter_name]
+        if config.selection_algorithm == "rigl" and self.collecting(config, step, self._total(config, context)):
+            window = self._windows.setdefault(adapter_name, Window())
+            window.group = getattr(context, "group", None)
+            self._collecting.add(adapter_name)
+        else:
+            self._collecting.discard(adapter_name)
+
+    def gradient_observer(self, adapter_name: str):
+        if adapter_name not in self._collecting:
+            return None
+        return lambda grad_out, x: self._observe(adapter_name, grad_out, x)
+
+    @torch.no_grad()
+    def _observe(self, adapter_name: str, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+        """Accumulate this micro-batch's weight gradient at the window's candidates (fp32)."""
+        window = self._windows[adapter_name]
+        g, xf = grad_out.float(), x.float()
+        if window.candidates is None:
+            dense = g.t() @ xf  # transient (out x in), once per window and layer: nominates the candidates
+            if window.group is not None:
+                dist.all_reduce(dense, group=window.group)
+            k = self.values[adapter_name].numel()
+            window.candidates = topk_positions(dense.abs(), k, seed=self.adapter_configs[adapter_name].seed)
+            del dense
+            window.pattern = SparsePattern.build(window.candidates, self.shape)
+            window.sum_g = torch.zeros(k, dtype=torch.float32, device=g.device)
+            window.sum_g2 = torch.zeros_like(window.sum_g)
+        if window.pending is None:
+            window.pending = torch.zeros_like(window.sum_g)
+        window.pending += window.pattern.sampled_grad(g, xf)
+
+    def _commit(self, window: Window, context: Any) -> None:
+        """Fold this step's (all-reduced, rank-averaged) gradient at the candidates into the window sums."""
+        if window.pending is None:
+            return
+        group = getattr(context, "group", None)
+        if group is not None:
+            dist.all_reduce(window.pending, group=group)
+            window.pending /= dist.get_world_size(group)
+        window.sum_g += window.pending
+        window.sum_g2 += window.pending.square()
+        window.steps += 1
+        window.pending = None
+
+    def on_step_end(self, adapter_name: str, step: int, optimizer=None, context=None) -> int:
+        config = self.adapter_configs[adapter_name]
+        window = self._windows.get(adapter_name)
+        if window is not None:
+            self._commit(window, context)
+        total = self._total(config, context)
+        if not self.selecting(config, step, total):
+            return 0
+        rate = config.reselection_rate(step, total)
+        if config.selection_algorithm == "sm3":
+            moved = self._regrow_sm3(adapter_name, rate, optimizer)
+        else:
+            moved = self._regrow_rigl(adapter_name, rate, optimizer, self._windows.pop(adapter_name, None))
+        self._collecting.discard(adapter_name)
+        return moved
+
+    # ---- drop and grow -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _regrow_rigl(self, adapter_name: str, rate: float, optimizer, window: Optional[Window]) -> int:
+        if window is None or window.candidates is None or window.steps == 0:
+            return 0
+        values, indices = self.values[adapter_name], self.indices[adapter_name]
+        n = int(values.numel() * rate)
+        slots, positions = plan_drop_and_grow(values, indices, window.candidates, window.sum_g.abs(), n)
+        if slots.numel() == 0:
+            return 0
+        where = torch.searchsorted(window.candidates.long(), positions.long())  # candidates are sorted
+        reseed = self._reseed(
+            values, optimizer, window.sum_g[where] / window.steps, window.sum_g2[where] / window.steps
+        )
+        reset_slots(values, slots, optimizer, reseed)
+        indices[slots] = positions.to(indices.device)
+        return int(slots.numel())
+
+    @staticmethod
+    def _reseed(values: torch.Tensor, optimizer, mean_g: torch.Tensor, mean_g2: torch.Tensor) -> dict:
+        """``exp_avg = m̄(1−β₁ᵗ)``, ``exp_avg_sq = v̄(1−β₂ᵗ)`` (see class docstring)."""
+        if optimizer is None:
+            return {}
+        inner = unwrap_optimizer(optimizer)
+        state = inner.state.get(values, {})
+        step = state.get("step")
+        betas = next((g.get("betas") for g in inner.param_groups if any(p is values for p in g["params"])), None)
+        if step is None or betas is None:
+            return {}
+        t = float(step)
+        return {"exp_avg": mean_g * (1 - betas[0] ** t), "exp_avg_sq": mean_g2 * (1 - betas[1] ** t)}
+
+    @torch.no_grad()
+    def _regrow_sm3(self, adapter_name: str, rate: float, optimizer) -> int:
+        values, indices = self.values[adapter_name], self.indices[adapter_name]
+        state = unwrap_optimizer(optimizer).state.get(values, {}) if optimizer is not None else {}
+        if "row_acc" not in state:
+            raise TypeError(
+                f"SpielConfig(selection_algorithm='sm3') on {self.module_name} needs sparse_peft.SparseSM3 as the "
+                f"optimizer (its accumulators score the candidates); got "
+                f"{type(unwrap_optimizer(optimizer)).__name__ if optimizer is not None else None}"
+            )
+        scores = torch.outer(state["row_acc"], state["col_acc"])  # transient (out x in) grow score, no gradient
+        n = int(values.numel() * rate)
+        pool = topk_positions(scores, min(self.numel, n + values.numel()), seed=self.adapter_configs[adapter_name].seed)
+        slots, positions = plan_drop_and_grow(values, indices, pool, scores.reshape(-1)[pool.long()], n)
+        if slots.numel() == 0:
+            return 0
+        reset_slots(values, slots, optimizer)
+        indices[slots] = positions.to(indices.device)
+        return int(slots.numel())
+
+    # ---- checkpointing of open windows ---------------------------------------------------------------------
+    def export_window(self) -> dict:
+        out = {}
+        for adapter, w in self._windows.items():
+            if w.candidates is not None:
+                out[adapter] = {
+                    "candidates": w.candidates.tolist(),
+                    "sum_g": w.sum_g.tolist(),
+                    "sum_g2": w.sum_g2.tolist(),
+                    "steps": w.steps,
+                }
+        return out
+
+    def import_window(self, saved: dict) -> None:
+        for adapter, payload in saved.items():
+            device = self.values[adapter].device
+            candidates = torch.tensor(payload["candidates"], dtype=self.indices[adapter].dtype, device=device)
+            self._windows[adapter] = Window(
+                candidates=candidates,
+                pattern=SparsePattern.build(candidates, self.shape),
+                sum_g=torch.tensor(payload["sum_g"], dtype=torch.float32, device=device),
+                sum_g2=torch.tensor(payload["sum_g2"], dtype=torch.float32, device=device),
+                steps=int(payload["steps"]),
+            )
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._windows.pop(adapter_name, None)
+        self._collecting.discard(adapter_name)

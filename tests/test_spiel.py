@@ -1,0 +1,184 @@
+"""SpIEL and the shared regrowth machinery: windows, drop-and-grow, optimizer-slot surgery, SM3."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import INPUT, tiny_llama
+from peft import get_peft_model
+
+from sparse_peft import ScheduleContext, SparseSM3, SpielConfig, SpielLinear, begin_step, refresh_masks
+from sparse_peft.sparse.regrow import plan_drop_and_grow
+
+
+def spiel_layers(model):
+    return [m for m in model.modules() if isinstance(m, SpielLinear)]
+
+
+def run(model, optimizer, steps, total=0, start=1):
+    context = ScheduleContext(total_steps=total)
+    moved = []
+    model.train()
+    for step in range(start, start + steps):
+        begin_step(model, step, context)
+        model(INPUT, labels=INPUT).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        moved.append(refresh_masks(model, step, optimizer, context))
+    return moved
+
+
+def make(**kw):
+    config = dict(density=0.1, reselection_steps=4, selection_accumulation_steps=2, initial_reselection_rate=0.5)
+    config.update(kw)
+    model = get_peft_model(tiny_llama(), SpielConfig(**config))
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def test_budget_and_random_initial_mask():
+    model, _ = make()
+    for layer in spiel_layers(model):
+        idx = layer.indices["default"]
+        assert idx.numel() == round(0.1 * layer.in_features * layer.out_features)
+        assert idx.unique().numel() == idx.numel()
+    model, _ = make(rank=2, density=None)
+    layer = spiel_layers(model)[0]
+    assert layer.values["default"].numel() == 2 * (layer.in_features + layer.out_features)
+
+
+def test_first_selection_is_brute_force_top_k_of_accumulated_gradient():
+    """With S = 1 the candidates and scores come from one step's gradient: the new mask is its top-k."""
+    model, optimizer = make(selection_accumulation_steps=1)
+    layer = spiel_layers(model)[0]
+    # dense reference gradient of this layer's weight on the same batch
+    captured = {}
+    base = layer.get_base_layer()
+    base.weight.requires_grad_(True)
+    model.train()
+    begin_step(model, 1, ScheduleContext())
+    model(INPUT, labels=INPUT).loss.backward()
+    captured["g"] = base.weight.grad.detach().clone()
+    base.weight.requires_grad_(False)
+    base.weight.grad = None
+    optimizer.step()
+    optimizer.zero_grad()
+    moved = refresh_masks(model, 1, optimizer, ScheduleContext())
+    assert moved > 0
+    k = layer.indices["default"].numel()
+    brute = torch.topk(captured["g"].abs().reshape(-1), k)
+    kth = brute.values[-1]
+    chosen = set(layer.indices["default"].tolist())
+    differ = chosen ^ set(brute.indices.tolist())
+    assert all(abs(captured["g"].abs().reshape(-1)[i] - kth) < 1e-6 for i in differ)
+
+
+def test_regrowth_moves_the_scheduled_fraction_and_keeps_indices_unique():
+    model, optimizer = make()
+    layer = spiel_layers(model)[0]
+    k = layer.indices["default"].numel()
+    before = {}
+
+    moved = run(model, optimizer, 2, total=100)  # first selection after step 2: p = 1
+    assert moved[0] == 0 and moved[1] > 0
+    before = layer.indices["default"].clone()
+    moved = run(model, optimizer, 4, total=100, start=3)  # next selection after step 6
+    assert moved[:3] == [0, 0, 0]
+    after = layer.indices["default"]
+    assert after.unique().numel() == k
+    expected = int(k * 0.5 * (1 - 6 / 100))
+    changed = int((after != before).sum())
+    assert 0 < changed <= expected
+
+
+def test_moved_slots_are_zeroed_and_reseeded_others_keep_state():
+    model, optimizer = make()
+    run(model, optimizer, 5, total=100)  # first selection at step 2; window for step 6 opens at step 5
+    layer = spiel_layers(model)[0]
+    values = layer.values["default"]
+    state = optimizer.state[values]
+    old_idx, old_val = layer.indices["default"].clone(), values.detach().clone()
+    old_m, old_v = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
+    window = layer._windows["default"]
+    run(model, optimizer, 1, total=100, start=6)
+    moved = (layer.indices["default"] != old_idx).nonzero().flatten()
+    stayed = (layer.indices["default"] == old_idx).nonzero().flatten()
+    assert moved.numel() > 0
+    assert torch.all(values.detach()[moved] == 0)
+    # reseeded: bias-corrected moments equal the window means m̄ = ΣG / steps
+    t = float(state["step"])
+    beta1, beta2 = optimizer.param_groups[0]["betas"]
+    pos = layer.indices["default"][moved].long()
+    where = torch.searchsorted(window.candidates.long(), pos)
+    assert torch.allclose(state["exp_avg"][moved] / (1 - beta1**t), window.sum_g[where] / window.steps, atol=1e-6)
+    assert torch.allclose(state["exp_avg_sq"][moved] / (1 - beta2**t), window.sum_g2[where] / window.steps, atol=1e-6)
+    # slots that stayed went on training normally: their moments are not reset
+    assert torch.all(state["exp_avg_sq"][stayed] > 0)
+    assert not torch.equal(values.detach()[stayed], old_val[stayed])
+    del old_m, old_v
+
+
+def test_no_selection_after_total_steps():
+    model, optimizer = make()
+    moved = run(model, optimizer, 10, total=5)
+    assert moved[1] > 0 and sum(moved[5:]) == 0
+
+
+def test_plan_drop_and_grow_rules():
+    values = torch.tensor([0.5, 0.0, -0.1, 0.3])
+    indices = torch.tensor([10, 11, 12, 13], dtype=torch.int32)
+    candidates = torch.tensor([11, 20, 21, 13], dtype=torch.int32)
+    scores = torch.tensor([9.0, 5.0, 1.0, 8.0])
+    slots, positions = plan_drop_and_grow(values, indices, candidates, scores, 2)
+    # drop slots 1 (|0|) and 2 (|0.1|); 13 is active and kept, 11 is outgoing and incoming: stays; 20 grows
+    assert slots.tolist() == [2] and positions.tolist() == [20]
+
+
+def test_sm3_trains_scores_without_dense_gradient_and_regrows():
+    model = get_peft_model(
+        tiny_llama(),
+        SpielConfig(density=0.1, selection_algorithm="sm3", reselection_steps=3, selection_accumulation_steps=1),
+    )
+    optimizer = SparseSM3(model, lr=1e-2)
+    layer = spiel_layers(model)[0]
+    observed = []
+    original = layer._observe
+    layer._observe = lambda *a: observed.append(1) or original(*a)
+    before = layer.indices["default"].clone()
+    moved = run(model, optimizer, 4, total=100)
+    assert moved[0] > 0 and not observed  # no gradient statistics were taken
+    assert not torch.equal(before, layer.indices["default"])
+    state = optimizer.state[layer.values["default"]]
+    assert state["row_acc"].shape == (layer.out_features,) and state["col_acc"].shape == (layer.in_features,)
+    assert "exp_avg" not in state
+
+
+def test_sm3_requires_its_optimizer():
+    model, optimizer = make(selection_algorithm="sm3", selection_accumulation_steps=1)
+    with pytest.raises(TypeError, match="SparseSM3"):
+        run(model, optimizer, 1, total=100)
+
+
+def test_save_reload_after_regrowth(tmp_path):
+    from peft import PeftModel
+
+    model, optimizer = make()
+    run(model, optimizer, 6, total=100)
+    model.eval()
+    expected = model(INPUT).logits.detach()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.allclose(loaded(INPUT).logits, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"density": 0.0}, r"density must be in \(0, 1\]"),
+        ({"reselection_steps": 5, "selection_accumulation_steps": 5}, "must be smaller than"),
+        ({"selection_algorithm": "magic"}, "selection_algorithm"),
+        ({"density": None}, "needs density or rank"),
+    ],
+)
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SpielConfig(**kwargs)
