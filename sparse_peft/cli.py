@@ -30,8 +30,9 @@ logger = logging.getLogger("sparse_peft")
 #: Settings of each method for the main job (a 135M model, a few hundred steps); anything can be overridden by --set.
 MAIN_JOB_DEFAULTS: dict[str, dict[str, Any]] = {
     "lift": {"rank": 16, "filter_rank": 32, "update_interval": 40},
+    "spiel": {"rank": 16, "density": None, "reselection_steps": 20, "selection_accumulation_steps": 5},
 }
-MAIN_JOB_LR: dict[str, float] = {"lift": 1e-3}
+MAIN_JOB_LR: dict[str, float] = {"lift": 1e-3, "spiel": 1e-3}
 
 
 def parse_set(pairs: list[str]) -> dict[str, Any]:
