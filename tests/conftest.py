@@ -62,23 +62,6 @@ def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def char_tokenizer():
     """A character-level tokenizer with a chat template, small enough for the tiny model's vocabulary."""
-    import string
+    from helpers_tasks import tiny_chat_tokenizer
 
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
-    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
-    )
-    fast.chat_template = (
-        "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}"
-        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
-        "{% if add_generation_prompt %}a:{% endif %}"
-    )
-    return fast
+    return tiny_chat_tokenizer()

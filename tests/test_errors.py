@@ -83,28 +83,32 @@ def test_garbage_adapter_file(tmp_path):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
-def test_adapter_file_missing_entries(tmp_path):
+def _edit_saved_tensors(tmp_path, edit):
+    """Save an adapter, then rewrite its safetensors file through ``edit(tensors)``."""
     from safetensors.torch import load_file, save_file
 
     _saved_adapter(tmp_path, tiny_llama())
     path = tmp_path / "adapter_model.safetensors"
     tensors = load_file(path)
-    dropped = next(k for k in tensors if k.endswith("layers.1.mlp.up_proj.sparse_peft_lift_indices"))
-    del tensors[dropped]
+    edit(tensors)
     save_file(tensors, path)
+
+
+def _key(tensors, suffix):
+    return next(k for k in tensors if k.endswith(suffix))
+
+
+def test_adapter_file_missing_entries(tmp_path):
+    _edit_saved_tensors(tmp_path, lambda t: t.pop(_key(t, "layers.1.mlp.up_proj.sparse_peft_lift_indices")))
     with pytest.raises(ValueError, match=r"no sparse_peft_lift_indices for .*layers.1.mlp.up_proj"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
 def test_adapter_indices_out_of_range(tmp_path):
-    from safetensors.torch import load_file, save_file
+    def corrupt(tensors):
+        tensors[_key(tensors, "layers.0.self_attn.q_proj.sparse_peft_lift_indices")][0] = 10**6
 
-    _saved_adapter(tmp_path, tiny_llama())
-    path = tmp_path / "adapter_model.safetensors"
-    tensors = load_file(path)
-    key = next(k for k in tensors if k.endswith("layers.0.self_attn.q_proj.sparse_peft_lift_indices"))
-    tensors[key][0] = 10**6
-    save_file(tensors, path)
+    _edit_saved_tensors(tmp_path, corrupt)
     with pytest.raises(ValueError, match="point outside its weight"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 

@@ -154,13 +154,18 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
 
     def delta_tensors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``(values, indices, n_trainable)`` of the whole delta: active entries first, then the frozen ones."""
-        values, indices = self.values[adapter_name], self.indices[adapter_name]
-        frozen = self.frozen_values[adapter_name]
-        if frozen.numel() == 0:
-            return values, indices, values.numel()
-        all_values = torch.cat([values, frozen.to(values.dtype)])
-        all_indices = torch.cat([indices.long(), self.frozen_indices[adapter_name].long()])
-        return all_values, all_indices, values.numel()
+        values, n_trainable = self._all_values(adapter_name)
+        return values, self._all_indices(adapter_name), n_trainable
+
+    def _all_indices(self, adapter_name: str) -> torch.Tensor:
+        active, frozen = self.indices[adapter_name], self.frozen_indices[adapter_name]
+        return torch.cat([active.long(), frozen.long()]) if frozen.numel() else active
+
+    def _all_values(self, adapter_name: str) -> tuple[torch.Tensor, int]:
+        """Active values followed by the frozen ones (the order of :meth:`pattern`), and the active count."""
+        values, frozen = self.values[adapter_name], self.frozen_values[adapter_name]
+        merged = torch.cat([values, frozen.to(values.dtype)]) if frozen.numel() else values
+        return merged, values.numel()
 
     def pattern(self, adapter_name: str) -> SparsePattern:
         """The CSR layout of the whole delta (active, then frozen), rebuilt only when an index tensor changes.
@@ -173,8 +178,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         cached = self._pattern_cache.get(adapter_name)
         if cached is not None and _same_key(cached[0], key):
             return cached[1]
-        indices = torch.cat([active.long(), frozen.long()]) if frozen.numel() else active
-        built = SparsePattern.build(indices, self.shape)
+        built = SparsePattern.build(self._all_indices(adapter_name), self.shape)
         self._pattern_cache[adapter_name] = (key, built)
         return built
 
@@ -197,7 +201,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         for name in self.active_adapters:
             if name not in self.values:
                 continue
-            values, _, n_trainable = self.delta_tensors(name)
+            values, n_trainable = self._all_values(name)
             observer = self.gradient_observer(name) if self.training and torch.is_grad_enabled() else None
             delta = sparse_delta_matmul(x, values, self.pattern(name), self.shape, n_trainable, observer)
             result = result + delta.to(result.dtype)
