@@ -15,7 +15,7 @@ from __future__ import annotations
 from peft import AutoPeftModelForCausalLM, PeftModel
 
 from ._version import __version__
-from .callbacks import ScheduleContext, SparsePeftCallback, begin_step, refresh_masks
+from .callbacks import ScheduleContext, SparsePeftCallback, before_optimizer_step, begin_step, refresh_masks
 from .optim import SparseSM3
 from .registry import install_io_guards, register_method
 from .tuners.lift.config import LiftConfig
@@ -48,6 +48,7 @@ __all__ = [
     "SpielLinear",
     "SpielModel",
     "__version__",
+    "before_optimizer_step",
     "begin_step",
     "refresh_masks",
 ]

@@ -60,6 +60,14 @@ def begin_step(model: nn.Module, step: int, context: ScheduleContext | None = No
             layer.on_step_begin(name, step, context)
 
 
+def before_optimizer_step(model: nn.Module, context: ScheduleContext | None = None) -> None:
+    """Call once gradients are final (after clipping) and before ``optimizer.step()`` in a custom loop."""
+    context = context or ScheduleContext()
+    for _, layer in sparse_layers(model):
+        for name in _scheduled(layer):
+            layer.on_pre_optimizer_step(name, context)
+
+
 def refresh_masks(
     model: nn.Module,
     global_step: int,
@@ -111,6 +119,13 @@ class SparsePeftCallback(TrainerCallback, ExportableState):
         model = kwargs.get("model")
         if model is not None:
             begin_step(model, state.global_step + 1, self._context)
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ):
+        model = kwargs.get("model")
+        if model is not None:
+            before_optimizer_step(model, self._context)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         model = kwargs.get("model")

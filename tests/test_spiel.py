@@ -7,7 +7,15 @@ import torch
 from conftest import INPUT, tiny_llama
 from peft import get_peft_model
 
-from sparse_peft import ScheduleContext, SparseSM3, SpielConfig, SpielLinear, begin_step, refresh_masks
+from sparse_peft import (
+    ScheduleContext,
+    SparseSM3,
+    SpielConfig,
+    SpielLinear,
+    before_optimizer_step,
+    begin_step,
+    refresh_masks,
+)
 from sparse_peft.sparse.regrow import plan_drop_and_grow
 
 
@@ -182,3 +190,21 @@ def test_save_reload_after_regrowth(tmp_path):
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SpielConfig(**kwargs)
+
+
+def test_window_statistics_follow_gradient_clipping():
+    """Reseeded moments must be on the scale Adam sees: statistics are scaled by the trainer's clip factor."""
+    sums = {}
+    for clip in (None, 1e-4):
+        model, optimizer = make()
+        layer = spiel_layers(model)[0]
+        context = ScheduleContext()
+        model.train()
+        begin_step(model, 1, context)
+        model(INPUT, labels=INPUT).loss.backward()
+        params = [p for p in model.parameters() if p.requires_grad]
+        total = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        before_optimizer_step(model, context)
+        sums[clip] = (layer._windows["default"].sum_g.clone(), float(total))
+    (plain, norm), (clipped, _) = sums[None], sums[1e-4]
+    assert torch.allclose(clipped, plain * (1e-4 / norm), rtol=1e-3, atol=1e-12)

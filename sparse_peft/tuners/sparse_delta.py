@@ -105,6 +105,9 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
     def on_step_begin(self, adapter_name: str, step: int, context: Any) -> None:
         """Called before optimizer step ``step`` (1-based) runs its forward/backward passes."""
 
+    def on_pre_optimizer_step(self, adapter_name: str, context: Any) -> None:
+        """Called after gradients are final (accumulated, all-reduced, clipped), before the optimizer step."""
+
     def on_step_end(self, adapter_name: str, step: int, optimizer: Any, context: Any) -> int:
         """Called after optimizer step ``step`` (1-based); returns how many slots moved."""
         return 0

@@ -29,6 +29,7 @@ class Window:
     sum_g: Optional[torch.Tensor] = None
     sum_g2: Optional[torch.Tensor] = None
     pending: Optional[torch.Tensor] = None
+    pending_active: Optional[torch.Tensor] = None
     steps: int = 0
     group: Any = field(default=None, repr=False)
 
@@ -112,20 +113,41 @@ class SpielLinear(SparseDeltaLinear):
             window.sum_g2 = torch.zeros_like(window.sum_g)
         if window.pending is None:
             window.pending = torch.zeros_like(window.sum_g)
+            window.pending_active = torch.zeros(self.values[adapter_name].numel(), device=g.device)
         window.pending += window.pattern.sampled_grad(g, xf)
+        k = window.pending_active.numel()
+        window.pending_active += self.pattern(adapter_name).sampled_grad(g, xf)[:k]
 
-    def _commit(self, window: Window, context: Any) -> None:
-        """Fold this step's (all-reduced, rank-averaged) gradient at the candidates into the window sums."""
+    def on_pre_optimizer_step(self, adapter_name: str, context: Any = None) -> None:
+        """Commit this step's statistics on the scale of the gradient the optimizer will use (after clipping)."""
+        window = self._windows.get(adapter_name)
+        if window is not None and window.pending is not None:
+            self._commit(window, context, self.values[adapter_name].grad)
+
+    def _commit(self, window: Window, context: Any, clipped: Optional[torch.Tensor] = None) -> None:
+        """Fold this step's gradient at the candidates, all-reduced and rank-averaged, into the window sums.
+
+        ``pending_active`` is the same unclipped gradient at the active entries; comparing it with the clipped
+        ``values.grad`` gives the trainer's clipping factor ``c``, and the candidates' gradient is scaled by ``c`` so
+        that reseeded moments match the moments Adam keeps for the active entries.
+        """
         if window.pending is None:
             return
         group = getattr(context, "group", None)
         if group is not None:
-            dist.all_reduce(window.pending, group=group)
-            window.pending /= dist.get_world_size(group)
+            for tensor in (window.pending, window.pending_active):
+                dist.all_reduce(tensor, group=group)
+                tensor /= dist.get_world_size(group)
+        scale = 1.0
+        if clipped is not None:
+            unclipped = window.pending_active.norm()
+            if unclipped > 0:
+                scale = min(1.0, float(clipped.detach().float().norm() / unclipped))
+        window.pending *= scale
         window.sum_g += window.pending
         window.sum_g2 += window.pending.square()
         window.steps += 1
-        window.pending = None
+        window.pending = window.pending_active = None
 
     def on_step_end(self, adapter_name: str, step: int, optimizer=None, context=None) -> int:
         config = self.adapter_configs[adapter_name]
