@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import string
 
-import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 CHAT_TEMPLATE = (
@@ -34,10 +33,11 @@ def tiny_chat_tokenizer(pad: bool = True, chat_template: str | None = CHAT_TEMPL
 
 
 def tiny_chat_model(seed: int = 0) -> LlamaForCausalLM:
-    """A one-layer Llama with a 128-token vocabulary, enough for the tokenizer above."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
+    """A one-layer Llama with a 128-token vocabulary, enough for the tokenizer above (in training mode)."""
+    from conftest import tiny_llama
+
+    model = tiny_llama(
+        seed,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
@@ -47,4 +47,4 @@ def tiny_chat_model(seed: int = 0) -> LlamaForCausalLM:
         eos_token_id=1,
         pad_token_id=0,
     )
-    return LlamaForCausalLM(config)
+    return model.train()
