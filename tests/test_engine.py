@@ -168,3 +168,11 @@ def test_runs_under_cpu_bf16_autocast():
         y = sparse_delta_matmul(x, values, indices, (12, 10))
     y.sum().backward()
     assert y.dtype == torch.float32 and values.grad is not None and x.grad is not None
+
+
+def test_magnitude_and_gradient_scores_rank_by_absolute_value():
+    from sparse_peft.sparse.select import gradient_score, magnitude_score
+
+    w = torch.tensor([[0.1, -3.0], [2.0, -0.5]])
+    assert topk_positions(magnitude_score(w), 2).tolist() == [1, 2]
+    assert topk_positions(gradient_score(-w), 1).tolist() == [1]

@@ -133,7 +133,7 @@ class SparseDeltaMatmul(torch.autograd.Function):
         values: torch.Tensor,
         pattern: SparsePattern,
         n_trainable: int,
-        observer: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+        observer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None] | None = None,
     ) -> torch.Tensor:
         work = _kernel_values(values)
         with _no_autocast(x):  # autocast would turn the CSR matmul into bf16, which CPU kernels lack
@@ -162,7 +162,7 @@ class SparseDeltaMatmul(torch.autograd.Function):
             grad_values = pattern.sampled_grad(g2, _as_2d(x, work.dtype)).to(values.dtype)
             grad_values[ctx.n_trainable :] = 0
         if ctx.observer is not None:  # e.g. SpIEL's candidate statistics, only while a selection window is open
-            ctx.observer(g2, _as_2d(x, work.dtype))
+            ctx.observer(g2, _as_2d(x, work.dtype), grad_values)
         return grad_x, grad_values, None, None, None
 
 
@@ -183,11 +183,11 @@ def sparse_delta_matmul(
     indices: torch.Tensor | SparsePattern,
     shape: tuple[int, int],
     n_trainable: int | None = None,
-    observer: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    observer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None] | None = None,
 ) -> torch.Tensor:
     """``x · ΔWᵀ`` (float32 for half-precision ``values``); pass a cached :class:`SparsePattern` instead of
-    ``indices`` to skip rebuilding the index structure. ``observer(grad_out_2d, x_2d)``, if given, is called once
-    in backward."""
+    ``indices`` to skip rebuilding the index structure. ``observer(grad_out_2d, x_2d, grad_values)``, if given, is
+    called once in backward."""
     pattern = indices if isinstance(indices, SparsePattern) else SparsePattern.build(indices, shape)
     k = values.numel() if n_trainable is None else n_trainable
     return SparseDeltaMatmul.apply(x, values, pattern, k, observer)

@@ -67,6 +67,3 @@ def gradient_score(grad_stat: torch.Tensor) -> torch.Tensor:
 def random_score(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Uniform random scores from a seeded generator (a seeded random mask under :func:`topk_positions`)."""
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
-
-
-SCORES = ("magnitude", "principal", "gradient", "random")

@@ -98,7 +98,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         raise NotImplementedError
 
     def gradient_observer(self, adapter_name: str):
-        """A callable ``(grad_out_2d, x_2d) -> None`` to run in this layer's backward, or None (the default)."""
+        """A callable ``(grad_out_2d, x_2d, grad_values) -> None`` to run in this layer's backward, or None."""
         return None
 
     # ---- schedule hooks, driven by :class:`sparse_peft.SparsePeftCallback` -----------------------------------

@@ -94,10 +94,12 @@ class SpielLinear(SparseDeltaLinear):
     def gradient_observer(self, adapter_name: str):
         if adapter_name not in self._collecting:
             return None
-        return lambda grad_out, x: self._observe(adapter_name, grad_out, x)
+        return lambda grad_out, x, grad_values: self._observe(adapter_name, grad_out, x, grad_values)
 
     @torch.no_grad()
-    def _observe(self, adapter_name: str, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+    def _observe(
+        self, adapter_name: str, grad_out: torch.Tensor, x: torch.Tensor, grad_values: Optional[torch.Tensor] = None
+    ) -> None:
         """Accumulate this micro-batch's weight gradient at the window's candidates (fp32)."""
         window = self._windows[adapter_name]
         g, xf = grad_out.float(), x.float()
@@ -116,7 +118,9 @@ class SpielLinear(SparseDeltaLinear):
             window.pending_active = torch.zeros(self.values[adapter_name].numel(), device=g.device)
         window.pending += window.pattern.sampled_grad(g, xf)
         k = window.pending_active.numel()
-        window.pending_active += self.pattern(adapter_name).sampled_grad(g, xf)[:k]
+        if grad_values is None:  # values frozen in this pass: compute the active entries' gradient here
+            grad_values = self.pattern(adapter_name).sampled_grad(g, xf)
+        window.pending_active += grad_values[:k].float()
 
     def on_pre_optimizer_step(self, adapter_name: str, context: Any = None) -> None:
         """Commit this step's statistics on the scale of the gradient the optimizer will use (after clipping)."""
