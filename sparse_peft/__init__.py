@@ -17,17 +17,45 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from ._version import __version__
 from .callbacks import ScheduleContext, SparsePeftCallback, before_optimizer_step, begin_step, refresh_masks
 from .optim import SparseSM3
+from .prune import PruneSpec, magnitude_prune, measure_sparsity, parse_prune_spec, prune_model, wanda_prune
 from .registry import install_io_guards, register_method
+from .tuners.diff_pruning.config import DiffPruningConfig
+from .tuners.diff_pruning.layer import DiffPruningLinear
+from .tuners.diff_pruning.model import DiffPruningModel
 from .tuners.lift.config import LiftConfig
 from .tuners.lift.layer import LiftLinear
 from .tuners.lift.model import LiftModel
+from .tuners.lors.config import LorsConfig
+from .tuners.lors.init import lors_gradient_init
+from .tuners.lors.layer import LorsLinear
+from .tuners.lors.model import LorsModel
+from .tuners.rosa import RosaConfig, RosaLinear, RosaModel, load_rosa_masks, rosa_param_groups, save_rosa_masks
+from .tuners.s2ft.config import S2FTConfig
+from .tuners.s2ft.layer import S2FTLinear
+from .tuners.s2ft.model import S2FTModel, calibrate_s2ft
+from .tuners.smt.config import SmtConfig
+from .tuners.smt.layer import SmtLinear
+from .tuners.smt.model import SmtModel
+from .tuners.snell.config import SnellConfig
+from .tuners.snell.layer import SnellLinear
+from .tuners.snell.model import SnellModel
 from .tuners.spiel.config import SpielConfig
 from .tuners.spiel.layer import SpielLinear
 from .tuners.spiel.model import SpielModel
+from .tuners.spp.config import SppConfig
+from .tuners.spp.layer import SppLinear
+from .tuners.spp.model import SppModel
 
 METHODS: dict[str, tuple[type, type]] = {
+    "smt": (SmtConfig, SmtModel),
+    "s2ft": (S2FTConfig, S2FTModel),
+    "snell": (SnellConfig, SnellModel),
+    "diff_pruning": (DiffPruningConfig, DiffPruningModel),
     "lift": (LiftConfig, LiftModel),
     "spiel": (SpielConfig, SpielModel),
+    "spp": (SppConfig, SppModel),
+    "lors": (LorsConfig, LorsModel),
+    "rosa": (RosaConfig, RosaModel),
 }
 
 for _name, (_config_cls, _model_cls) in METHODS.items():
@@ -37,18 +65,50 @@ install_io_guards()
 __all__ = [
     "METHODS",
     "AutoPeftModelForCausalLM",
+    "DiffPruningConfig",
+    "DiffPruningLinear",
+    "DiffPruningModel",
     "LiftConfig",
     "LiftLinear",
     "LiftModel",
+    "LorsConfig",
+    "LorsLinear",
+    "LorsModel",
     "PeftModel",
+    "PruneSpec",
+    "RosaConfig",
+    "RosaLinear",
+    "RosaModel",
+    "S2FTConfig",
+    "S2FTLinear",
+    "S2FTModel",
     "ScheduleContext",
+    "SmtConfig",
+    "SmtLinear",
+    "SmtModel",
+    "SnellConfig",
+    "SnellLinear",
+    "SnellModel",
     "SparsePeftCallback",
     "SparseSM3",
     "SpielConfig",
     "SpielLinear",
     "SpielModel",
+    "SppConfig",
+    "SppLinear",
+    "SppModel",
     "__version__",
     "before_optimizer_step",
     "begin_step",
+    "calibrate_s2ft",
+    "load_rosa_masks",
+    "lors_gradient_init",
+    "magnitude_prune",
+    "measure_sparsity",
+    "parse_prune_spec",
+    "prune_model",
     "refresh_masks",
+    "rosa_param_groups",
+    "save_rosa_masks",
+    "wanda_prune",
 ]

@@ -110,6 +110,8 @@ class SparsePeftCallback(TrainerCallback, ExportableState):
         if model is not None and callable(getattr(inner, "bind", None)) and not getattr(inner, "bound", True):
             inner.bind(model)
         self._context = ScheduleContext(total_steps=state.max_steps, group=_stats_group())
+        if model is not None and state.global_step == 0:
+            _sync_reference(model)
         saved = self.window_state or _saved_window_state(state)
         if model is not None and saved and state.global_step > 0:
             restore_window_state(model, saved)
@@ -138,6 +140,16 @@ class SparsePeftCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         saved = collect_window_state(self._model) if self._model is not None else {}
         return {"args": {}, "attributes": {"window_state": saved}}
+
+
+def _sync_reference(model: nn.Module) -> None:
+    """DPO on a pre-wrapped PeftModel: TRL's ``ref`` adapter must start as an exact copy of ``default``."""
+    from .dpo import REFERENCE_ADAPTER, sync_reference_adapter
+
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, dict) and REFERENCE_ADAPTER in peft_config and "default" in peft_config:
+        synced = sync_reference_adapter(model)
+        logger.info("copied adapter 'default' into DPO reference adapter %r in %d layers", REFERENCE_ADAPTER, synced)
 
 
 def _saved_window_state(state: TrainerState) -> dict:

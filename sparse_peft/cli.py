@@ -8,6 +8,7 @@ fresh model and checks that it reproduces the trained model's outputs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -23,16 +24,34 @@ import torch
 from transformers import TrainerCallback
 
 from . import METHODS, SparsePeftCallback
+from .prune import PruneSpec, calibration_batches, measure_sparsity, merged_sparsity, parse_prune_spec, prune_model
 from .tuners.sparse_delta import SparseDeltaLinear
 
 logger = logging.getLogger("sparse_peft")
 
 #: Settings of each method for the main job (a 135M model, a few hundred steps); anything can be overridden by --set.
 MAIN_JOB_DEFAULTS: dict[str, dict[str, Any]] = {
+    "snell": {"r": 16, "sparsity": 0.9},
+    "diff_pruning": {"target_density": 0.005, "projection_step": 50},
+    "smt": {"block_size": 64, "num_blocks": 330, "warmup_steps": 20},
+    "s2ft": {"target_modules": ["up_proj", "down_proj"], "up_ratio": 0.02, "down_ratio": 0.02},
     "lift": {"rank": 16, "filter_rank": 32, "update_interval": 40},
     "spiel": {"rank": 16, "density": None, "reselection_steps": 20, "selection_accumulation_steps": 5},
+    "rosa": {"r": 8, "lora_alpha": 16, "density": 0.02, "schedule": "wl20", "grad_collection_steps": 4},
+    "spp": {"groups": 16, "scaling": 2.0},
+    "lors": {"r": 16, "lora_alpha": 16, "gradient": "exact"},
 }
-MAIN_JOB_LR: dict[str, float] = {"lift": 1e-3, "spiel": 1e-3}
+MAIN_JOB_LR: dict[str, float] = {
+    "snell": 2e-3,
+    "diff_pruning": 2e-4,
+    "smt": 5e-4,
+    "s2ft": 1e-3,
+    "lift": 1e-3,
+    "spiel": 1e-3,
+    "rosa": 1e-3,
+    "spp": 4e-3,
+    "lors": 5e-4,
+}
 
 
 def parse_set(pairs: list[str]) -> dict[str, Any]:
@@ -49,8 +68,35 @@ def parse_set(pairs: list[str]) -> dict[str, Any]:
     return result
 
 
+#: Spellings the command line accepts besides the registered names (``--method diff-pruning``).
+METHOD_ALIASES: dict[str, str] = {"diff-pruning": "diff_pruning"}
+
+
+def canonical_method(name: str) -> str:
+    """The registered method name for ``name`` or one of its aliases."""
+    return METHOD_ALIASES.get(name, name)
+
+
+#: Reference points for benchmarks: PEFT's LoRA (r=16 on all linear layers, the budget of LIFT/SpIEL/LoRS/SNELL at
+#: rank 16) and full fine-tuning (no adapter).
+BASELINES: dict[str, dict[str, Any]] = {
+    "lora": {"r": 16, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0},
+    "full": {},
+}
+BASELINE_LR: dict[str, float] = {"lora": 1e-3, "full": 5e-5}
+
+
 def build_config(method: str, overrides: dict[str, Any]):
-    """The method's config with the main job's defaults, then the user's overrides."""
+    """The method's config with the main job's defaults, then the user's overrides (None for full fine-tuning)."""
+    method = canonical_method(method)
+    if method == "full":
+        if overrides:
+            raise SystemExit("--method full takes no --set fields")
+        return None
+    if method == "lora":
+        from peft import LoraConfig
+
+        return LoraConfig(task_type="CAUSAL_LM", **{**BASELINES["lora"], **overrides})
     if method not in METHODS:
         raise SystemExit(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
     config_cls = METHODS[method][0]
@@ -74,6 +120,37 @@ class StepTimer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.times.append(time.perf_counter() - self._start)
+
+
+def _proc_status_bytes(field_name: str) -> int | None:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes (Linux), or None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> int | None:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux ``clear_refs``) and return the current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _proc_status_bytes("VmRSS")
+
+
+def optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes of every tensor the optimizer keeps per parameter (moments, accumulators, step counters)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return sum(
+        value.numel() * value.element_size()
+        for state in inner.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    )
 
 
 def new_run_dir(root: Path, method: str) -> Path:
@@ -142,8 +219,10 @@ def evaluate(model, tokenizer, dataset, label: str) -> dict[str, Any] | None:
     return result
 
 
-def reload_check(model, model_path: str | None, adapter_dir: Path, tokenizer, dataset) -> float:
-    """Max |logit difference| between the trained model and base + adapter reloaded from disk."""
+def reload_check(model, model_path: str | None, adapter_dir: Path, tokenizer, dataset, prepare_base=None) -> float:
+    """Max |logit difference| between the trained model and base + adapter reloaded from disk.
+
+    ``prepare_base(model)`` is applied to the fresh base first (``--prune`` re-prunes it the same way)."""
     from peft import PeftModel
 
     from .models import load_model_and_tokenizer
@@ -153,6 +232,8 @@ def reload_check(model, model_path: str | None, adapter_dir: Path, tokenizer, da
     prompts = [_prompt_text(tokenizer, row["prompt"]) for row in rows] or ["Hello"]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     fresh_base, _ = load_model_and_tokenizer(model_path)
+    if prepare_base is not None:
+        prepare_base(fresh_base)
     reloaded = PeftModel.from_pretrained(fresh_base, str(adapter_dir))
     model.eval()
     reloaded.eval()
@@ -180,10 +261,21 @@ def train(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model)
     print(f"model loaded in {time.perf_counter() - start:.1f} s", flush=True)
     train_set, eval_set = load_data(args)
+    prune_base, n_m, sparsity = None, args.prune.n_m if args.prune else None, {"prune": str(args.prune or "")}
+    if args.prune is not None:
+        from .tasks import _prompt_text
+
+        texts = [_prompt_text(tokenizer, row["prompt"]) for row in train_set.select(range(min(16, len(train_set))))]
+        batches = calibration_batches(tokenizer, texts) if args.prune.method == "wanda" else None
+        prune_base = functools.partial(prune_model, spec=args.prune, batches=batches)
+        print(f"pruned {args.prune}: {prune_base(model)}", flush=True)
+    if args.prune is not None or args.method in ("spp", "lors"):
+        sparsity["before"] = measure_sparsity(model, n_m=n_m).to_dict(per_layer=False)
+        print(f"sparsity before training: {sparsity['before']}", flush=True)
     before = evaluate(model, tokenizer, eval_set, "before")
 
     use_cpu = not torch.cuda.is_available()
-    lr = args.lr if args.lr is not None else MAIN_JOB_LR.get(args.method, 1e-3)
+    lr = args.lr if args.lr is not None else {**MAIN_JOB_LR, **BASELINE_LR}.get(args.method, 1e-3)
     sft_args = SFTConfig(
         output_dir=str(out / "trainer"),
         max_steps=args.steps,
@@ -204,6 +296,7 @@ def train(args: argparse.Namespace) -> int:
         dataloader_num_workers=0,
     )
     timer = StepTimer()
+    frozen_rss = reset_peak_rss()  # the loaded model and data: what training adds is measured above this
     trainer = SFTTrainer(
         model=model,
         args=sft_args,
@@ -217,41 +310,65 @@ def train(args: argparse.Namespace) -> int:
     total = sum(p.numel() for p in peft_model.parameters())
     print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.3%})", flush=True)
     trainer.train()
+    peak_rss = _proc_status_bytes("VmHWM")
+    trainable_start, trainable = trainable, sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    memory = {
+        "frozen_rss_bytes": frozen_rss,
+        "peak_rss_bytes": peak_rss,
+        "memory_above_frozen_bytes": peak_rss - frozen_rss if peak_rss and frozen_rss else None,
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
+    }
 
     after = evaluate(peft_model, tokenizer, eval_set, "after")
-    peft_model.save_pretrained(str(out))
-    adapter_file = out / "adapter_model.safetensors"
-    adapter_bytes = adapter_file.stat().st_size
-    entries, payload = adapter_budget_bytes(peft_model)
-    diff = reload_check(peft_model, args.model, out, tokenizer, eval_set)
+    if config is None:  # full fine-tuning: no adapter to save or reload
+        adapter_bytes, entries, payload, diff = None, 0, 0, 0.0
+    else:
+        peft_model.save_pretrained(str(out))
+        adapter_bytes = (out / "adapter_model.safetensors").stat().st_size
+        entries, payload = adapter_budget_bytes(peft_model)
+        diff = (
+            reload_check(peft_model, args.model, out, tokenizer, eval_set, prepare_base=prune_base)
+            if args.reload_check
+            else float("nan")
+        )
     step_median = statistics.median(timer.times) if timer.times else float("nan")
+    if "before" in sparsity:  # last use of peft_model: merge it and check that the zeros survived
+        merged, sparsity["zeros_kept_after_merge"] = merged_sparsity(peft_model, n_m)
+        sparsity["after_merge"] = merged.to_dict(per_layer=False)
+        print(f"sparsity after merge_and_unload: {merged}; every base zero kept: {sparsity['zeros_kept_after_merge']}")
 
     summary = {
         "method": args.method,
-        "config": {
-            k: v
-            for k, v in config.to_dict().items()
-            if k in type(config).__dataclass_fields__ and k not in ("frozen_counts",)
-        },
+        "config": _config_summary(config),
         "steps": args.steps,
         "batch_size": args.batch_size,
         "learning_rate": lr,
         "before": _metrics(before),
         "after": _metrics(after),
         "trainable_parameters": trainable,
+        "trainable_parameters_at_start": trainable_start,
         "median_step_seconds": step_median,
+        **memory,
         "adapter_bytes": adapter_bytes,
         "stored_entries": entries,
         "k_times_value_plus_index_bytes": payload,
         "reload_max_abs_logit_diff": diff,
         "adapter_dir": str(out),
+        "sparsity": sparsity,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary)
-    if diff > 1e-3:
+    if diff == diff and diff > 1e-3:
         print(f"ERROR: the reloaded adapter does not reproduce the trained model (max |Δlogit| = {diff:.2e})")
         return 1
     return 0
+
+
+def _config_summary(config: Any) -> dict[str, Any]:
+    if config is None:
+        return {"full_fine_tuning": True}
+    fields = type(config).__dataclass_fields__
+    return {k: v for k, v in config.to_dict().items() if k in fields and k not in ("frozen_counts", "projected_counts")}
 
 
 def _metrics(result: dict[str, Any] | None) -> dict[str, float] | None:
@@ -271,8 +388,11 @@ def print_summary(summary: dict[str, Any]) -> None:
     lines += [
         f"trainable parameters   {summary['trainable_parameters']:,}",
         f"median step time       {summary['median_step_seconds']:.3f} s",
-        f"adapter bytes on disk  {summary['adapter_bytes']:,}  "
+        f"adapter bytes on disk  {summary['adapter_bytes'] or 0:,}  "
         f"(k·(value+index) = {summary['k_times_value_plus_index_bytes']:,} for {summary['stored_entries']:,} entries)",
+        f"peak RSS in training   {(summary['peak_rss_bytes'] or 0) / 2**20:,.0f} MiB "
+        f"({(summary['memory_above_frozen_bytes'] or 0) / 2**20:,.0f} MiB above the loaded model); optimizer state "
+        f"{summary['optimizer_state_bytes'] / 2**20:,.1f} MiB",
         f"reload check           max |Δlogit| = {summary['reload_max_abs_logit_diff']:.2e}",
         f"adapter saved to       {summary['adapter_dir']}",
         "=" * 64,
@@ -280,11 +400,26 @@ def print_summary(summary: dict[str, Any]) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _prune_spec(text: str) -> PruneSpec:
+    try:
+        return parse_prune_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-peft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="fine-tune a model with a sparse method and report before/after")
-    t.add_argument("--method", default="lift", choices=sorted(METHODS), help="sparse method (default: lift)")
+    t.add_argument(
+        "--method",
+        default="lift",
+        type=canonical_method,
+        choices=sorted([*METHODS, *BASELINES]),
+        help="sparse method (default: lift; diff-pruning is accepted for diff_pruning); 'lora' and 'full' train "
+        "the benchmarks' baselines (PEFT LoRA r=16, full fine-tuning)",
+    )
+    t.add_argument("--no-reload-check", dest="reload_check", action="store_false", help="skip the reload check")
     t.add_argument("--model", default=None, help="local model directory or .gguf (default: SmolLM2-135M-Instruct)")
     t.add_argument(
         "--data", default=None, help="local .jsonl file or datasets.save_to_disk folder (default: built-in task)"
@@ -300,14 +435,46 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--output", default=None, help="new folder for the adapter (default: runs/<method>-<time>)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config field, repeatable")
+    t.add_argument(
+        "--prune",
+        type=_prune_spec,
+        default=None,
+        metavar="SPEC",
+        help="prune the base before fine-tuning: wanda:0.5, magnitude:0.5, 2:4 (= wanda:2:4), magnitude:4:8; Wanda "
+        "calibrates on 16 training prompts",
+    )
+    for kind in ("sft", "dpo"):
+        sub.add_parser(kind, help=f"TRL {kind.upper()} with a sparse method (--config recipes/{kind}/METHOD.yaml)")
+    i = sub.add_parser("inspect", help="per-layer table and PNG heatmap of a saved adapter")
+    i.add_argument("adapter_dir", help="folder written by save_pretrained")
+    i.add_argument("--png", default=None, help="heatmap path (default: ADAPTER_DIR/sparsity.png); 'none' to skip")
+    i.add_argument("--module", default=None, help="matrix whose mask the heatmap shows (default: the first)")
     return parser
+
+
+def inspect_adapter(args: argparse.Namespace) -> int:
+    from .inspector import format_table, read_adapter, write_heatmap
+
+    config, reports = read_adapter(args.adapter_dir)
+    print(format_table(config, reports))
+    if args.png != "none":
+        png = write_heatmap(args.adapter_dir, args.png or Path(args.adapter_dir) / "sparsity.png", args.module)
+        print(f"heatmap written to {png}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("SPARSE_PEFT_LOG", "WARNING"))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("sft", "dpo"):  # TRL-style flags, parsed by TRL's own parser
+        from .recipes import run
+
+        return run(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return train(args)
+    if args.command == "inspect":
+        return inspect_adapter(args)
     return 2
 
 

@@ -170,12 +170,49 @@ def _clear_load_errors(original: Callable[..., Any]) -> Callable[..., Any]:
     return load_file
 
 
+MODEL_CARD_NOTE = (
+    "## Loading this adapter\n\n"
+    "This adapter uses a sparse fine-tuning method from [sparse_peft](https://pypi.org/project/sparse-peft/). "
+    "Loading it needs `pip install sparse_peft` and `import sparse_peft` before `PeftModel.from_pretrained` "
+    "(the import registers the method with PEFT):\n\n"
+    "```python\nimport sparse_peft\nfrom peft import PeftModel\n\n"
+    "model = PeftModel.from_pretrained(base_model, \"path/to/this/adapter\")\n```\n"
+)
+
+
+def _model_card_note(original: Callable[..., Any]) -> Callable[..., Any]:
+    """After PEFT writes the model card, add the line saying the adapter needs sparse_peft (sparse adapters only)."""
+
+    @functools.wraps(original)
+    def create_or_update_model_card(self: Any, output_dir: str) -> None:
+        original(self, output_dir)
+        configs = getattr(self, "peft_config", {}) or {}
+        types = [getattr(c.peft_type, "value", c.peft_type) for c in configs.values() if hasattr(c, "peft_type")]
+        if not any(str(t).startswith("SPARSE_PEFT_") for t in types):
+            return
+        filename = os.path.join(output_dir, "README.md")
+        text = open(filename, encoding="utf-8").read() if os.path.exists(filename) else ""
+        if "pip install sparse_peft" in text:
+            return
+        updated = text.rstrip("\n") + "\n\n" + MODEL_CARD_NOTE
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                handle.write(updated)
+
+        atomic_write(filename, write)
+
+    create_or_update_model_card._sparse_peft_atomic = True  # type: ignore[attr-defined]
+    return create_or_update_model_card
+
+
 def install_io_guards() -> None:
     """Make PEFT's adapter writes atomic and its corrupted-file errors explicit (idempotent).
 
     PEFT writes ``adapter_model.safetensors`` straight to its final name; we route its ``safe_save_file`` through
-    :func:`atomic_write` and its ``safe_load_file`` through an error that names the file and the fix. Both wrappers
-    keep behaviour identical otherwise. If PEFT's internals move, this warns and leaves PEFT untouched.
+    :func:`atomic_write` and its ``safe_load_file`` through an error that names the file and the fix, and add to the
+    model card of sparse adapters that loading them needs ``import sparse_peft``. The wrappers keep behaviour
+    identical otherwise. If PEFT's internals move, this warns and leaves PEFT untouched.
     """
     import peft.peft_model
     import peft.utils.save_and_load
@@ -183,6 +220,7 @@ def install_io_guards() -> None:
     targets = [
         (peft.peft_model, "safe_save_file", _atomic_safe_save),
         (peft.utils.save_and_load, "safe_load_file", _clear_load_errors),
+        (peft.peft_model.PeftModel, "create_or_update_model_card", _model_card_note),
     ]
     for module, attr, wrap in targets:
         original = getattr(module, attr, None)

@@ -121,6 +121,37 @@ def arithmetic_task(n_train: int = 2000, n_eval: int = 100, seed: int = 0) -> tu
     return _to_dataset(train_rows), _to_dataset(eval_rows)
 
 
+def wrong_answer(answer: str, rng: random.Random) -> str:
+    """A plausible wrong answer: the right one shifted by 1 to 3 either way (never negative, never equal)."""
+    value = int(answer)
+    offsets = [d for d in (-3, -2, -1, 1, 2, 3) if value + d >= 0]
+    return str(value + rng.choice(offsets))
+
+
+def preference_task(
+    n_train: int = 2000, n_eval: int = 100, seed: int = 0
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The built-in task as preference pairs for DPO: ``chosen`` = the correct answer, ``rejected`` = a wrong one.
+
+    Same problems and split as :func:`arithmetic_task` (so the eval split can be scored by exact match). Rows use
+    TRL's conversational preference format: ``prompt`` (user turn), ``chosen`` and ``rejected`` (assistant turns),
+    plus the ``answer`` column.
+    """
+    train, evaluation = arithmetic_task(n_train=n_train, n_eval=n_eval, seed=seed)
+    rng = random.Random(seed + 1)
+
+    def to_pair(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "prompt": row["prompt"],
+            "chosen": row["completion"],
+            "rejected": [{"role": "assistant", "content": wrong_answer(row[ANSWER_COLUMN], rng)}],
+            ANSWER_COLUMN: row[ANSWER_COLUMN],
+        }
+
+    pairs = [to_pair(row) for row in train]
+    return datasets.Dataset.from_list(pairs), evaluation
+
+
 def _to_dataset(rows: list[dict[str, Any]]) -> datasets.Dataset:
     """Build a dataset from rows, keeping the columns even when there are no rows."""
     if rows:

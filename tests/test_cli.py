@@ -6,6 +6,7 @@ import json
 
 import pytest
 from conftest import char_tokenizer, tiny_llama
+from transformers import AutoModelForCausalLM
 
 from sparse_peft.cli import build_config, main, parse_set
 
@@ -84,3 +85,23 @@ def test_set_parsing_and_unknown_fields():
     with pytest.raises(SystemExit, match="no field"):
         build_config("lift", {"ranks": 3})
     assert build_config("lift", {"rank": 3}).rank == 3
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_baselines_for_benchmarks(tiny_model_dir, tmp_path, method):
+    """``--method lora|full`` train PEFT's LoRA and the full model; memory and optimizer state are reported."""
+    train = _jsonl(tmp_path / "train.jsonl", _rows(8))
+    evaluation = _jsonl(tmp_path / "eval.jsonl", _rows(2))
+    out = tmp_path / "run"
+    args = ["train", "--method", method, "--model", str(tiny_model_dir), "--data", str(train)]
+    args += ["--eval-data", str(evaluation), "--steps", "2", "--batch-size", "4", "--max-length", "32"]
+    assert main([*args, "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    if method == "full":
+        assert summary["trainable_parameters"] == params and summary["adapter_bytes"] is None
+    else:
+        assert 0 < summary["trainable_parameters"] < params and summary["adapter_bytes"] > 0
+    # AdamW keeps two moments per trainable entry (plus a step counter per tensor)
+    assert summary["optimizer_state_bytes"] >= 2 * 4 * summary["trainable_parameters"]
+    assert summary["peak_rss_bytes"] >= summary["frozen_rss_bytes"] > 0

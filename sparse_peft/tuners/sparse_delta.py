@@ -38,6 +38,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
     prefix: str = "sparse_delta_"
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
+    min_budget: int = 1  # smallest allowed k; a subclass with an optional sparse part (RoSA's density=0) sets 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -124,10 +125,10 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         so no selection work (e.g. an SVD) is spent on them.
         """
         k = self.budget(config)
-        if not 0 < k <= self.numel:
+        if not self.min_budget <= k <= self.numel:
             raise ValueError(
                 f"{type(self).__name__} on {self.module_name or 'a layer'} of shape {self.shape}: the budget gives "
-                f"k={k} trainable entries, which must be in [1, {self.numel}]; lower rank/density"
+                f"k={k} trainable entries, which must be in [{self.min_budget}, {self.numel}]; lower rank/density"
             )
         self.adapter_configs[adapter_name] = config
         device = self._weight_device()

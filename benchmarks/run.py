@@ -1,0 +1,203 @@
+"""Benchmark every sparse_peft method against PEFT's LoRA and full fine-tuning on the default real model.
+
+Run by hand (never in CI)::
+
+    python benchmarks/run.py            # full run: 100 steps per method, 100 eval problems
+    python benchmarks/run.py --quick    # smoke run, under 10 minutes: 5 steps, 10 eval problems
+
+Each method trains in its own process through ``sparse-peft train`` (same model, task, steps, batch, sequence length,
+seed and thread count for all), which writes ``summary.json`` with quality (exact match before/after), median step
+time, peak resident memory and the part above the loaded frozen model, optimizer-state bytes, trainable parameters
+and adapter bytes. This script collects the summaries into ``RESULTS/results.json``, a Markdown table with ratios to
+LoRA measured in the same run, and PNG plots. Learning rates: each method's main-job default (``MAIN_JOB_LR`` in
+``sparse_peft/cli.py``); no per-method sweep is run. SPP and LoRS fine-tune a 2:4-pruned copy of the model
+(``--prune 2:4``), so their quality is not directly comparable with the dense methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+BASELINES = ("lora", "full")
+PRUNED = {"spp": "2:4", "lors": "2:4"}
+ENTRY_SPARSE = ("lift", "spiel", "rosa", "diff_pruning")
+STRUCTURED = ("smt", "s2ft")
+
+
+def all_methods() -> list[str]:
+    import sparse_peft
+
+    return [*BASELINES, *sorted(sparse_peft.METHODS)]
+
+
+def run_method(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any] | None:
+    """Train one method in a fresh process and return its summary (None if it failed; the log says why)."""
+    run_dir = out / "runs" / method
+    if (run_dir / "summary.json").is_file() and args.reuse:
+        return json.loads((run_dir / "summary.json").read_text())
+    command = [
+        sys.executable, "-m", "sparse_peft.cli", "train", "--method", method, "--steps", str(args.steps),
+        "--n-eval", str(args.n_eval), "--n-train", str(args.n_train), "--batch-size", str(args.batch_size),
+        "--threads", str(args.threads), "--output", str(run_dir.with_name(f"{method}-{int(time.time())}")),
+    ]  # fmt: skip
+    if method in PRUNED:
+        command += ["--prune", PRUNED[method]]
+    if args.quick:
+        command += ["--no-reload-check"]
+    log = out / "logs" / f"{method}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log.open("w") as handle:
+        code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+    print(f"{method:<14} exit {code} in {time.perf_counter() - start:.0f} s (log: {log})", flush=True)
+    produced = Path(command[command.index("--output") + 1]) / "summary.json"
+    if code != 0 or not produced.is_file():
+        return None
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists():
+        run_dir = run_dir.with_name(f"{method}-previous-{int(time.time())}")
+    produced.parent.rename(run_dir)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def ratios(rows: dict[str, dict[str, Any]]) -> None:
+    """Add ``*_vs_lora`` ratios (same run) to each row."""
+    lora = rows.get("lora")
+    if lora is None:
+        return
+    for row in rows.values():
+        for key in ("median_step_seconds", "memory_above_frozen_bytes", "optimizer_state_bytes", "adapter_bytes"):
+            if row.get(key) is not None and lora.get(key):
+                row[f"{key}_vs_lora"] = row[key] / lora[key]
+
+
+def _fmt(value: Any, kind: str = "") -> str:
+    if value is None:
+        return "-"
+    if kind == "pct":
+        return f"{value:.0%}"
+    if kind == "mb":
+        return f"{value / 2**20:,.1f}"
+    if kind == "x":
+        return f"{value:.2f}x"
+    if kind == "s":
+        return f"{value:.2f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def table(rows: dict[str, dict[str, Any]]) -> str:
+    header = (
+        "| method | trainable | exact match before → after | step s | step vs LoRA | peak RSS MiB | above frozen MiB "
+        "| memory vs LoRA | optimizer state MiB | adapter MiB | k·(v+i) MiB |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for method, r in rows.items():
+        before = (r.get("before") or {}).get("exact_match")
+        after = (r.get("after") or {}).get("exact_match")
+        lines.append(
+            f"| {method} | {_fmt(r.get('trainable_parameters'))} | {_fmt(before, 'pct')} → {_fmt(after, 'pct')} "
+            f"| {_fmt(r.get('median_step_seconds'), 's')} | {_fmt(r.get('median_step_seconds_vs_lora'), 'x')} "
+            f"| {_fmt(r.get('peak_rss_bytes'), 'mb')} | {_fmt(r.get('memory_above_frozen_bytes'), 'mb')} "
+            f"| {_fmt(r.get('memory_above_frozen_bytes_vs_lora'), 'x')} | {_fmt(r.get('optimizer_state_bytes'), 'mb')} "
+            f"| {_fmt(r.get('adapter_bytes'), 'mb')} | {_fmt(r.get('k_times_value_plus_index_bytes') or None, 'mb')} |"
+        )
+    return "\n".join(lines)
+
+
+def plots(rows: dict[str, dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method, r in rows.items():
+        if r.get("after") and r.get("trainable_parameters"):
+            axis.scatter(r["trainable_parameters"], r["after"]["exact_match"], s=40)
+            axis.annotate(method, (r["trainable_parameters"], r["after"]["exact_match"]), fontsize=8)
+    axis.set_xscale("log")
+    axis.set_xlabel("trainable parameters")
+    axis.set_ylabel("exact match after training")
+    axis.set_title("quality vs trainable parameters (SmolLM2-135M, arithmetic task)")
+    figure.tight_layout()
+    written.append(out / "accuracy_vs_params.png")
+    figure.savefig(written[-1], dpi=110)
+    plt.close(figure)
+
+    keys = [("median_step_seconds_vs_lora", "step time / LoRA"), ("memory_above_frozen_bytes_vs_lora", "memory / LoRA")]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for axis, (key, label) in zip(axes, keys, strict=True):
+        names = [m for m, r in rows.items() if r.get(key) is not None]
+        axis.bar(names, [rows[m][key] for m in names])
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_ylabel(label)
+        axis.tick_params(axis="x", rotation=45)
+    figure.tight_layout()
+    written.append(out / "ratios_vs_lora.png")
+    figure.savefig(written[-1], dpi=110)
+    plt.close(figure)
+    return written
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "commit": commit.strip(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 5 steps, 10 eval problems, no reload check")
+    parser.add_argument("--methods", default=None, help="comma-separated subset (default: LoRA, full FT and all)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--n-eval", type=int, default=None)
+    parser.add_argument("--n-train", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", default=str(HERE / "results"), help="folder for results, logs and runs")
+    parser.add_argument("--reuse", action="store_true", help="keep summaries already in OUT/runs (resume a run)")
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (5 if args.quick else 100)
+    args.n_eval = args.n_eval if args.n_eval is not None else (10 if args.quick else 100)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = args.methods.split(",") if args.methods else all_methods()
+    rows: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        summary = run_method(method, args, out)
+        if summary is not None:
+            rows[method] = summary
+    ratios(rows)
+    report = {"settings": vars(args), "machine": machine(), "results": rows}
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "table.md").write_text(table(rows) + "\n")
+    written = plots(rows, out)
+    print(table(rows))
+    print("plots:", ", ".join(str(p) for p in written))
+    missing = sorted(set(methods) - set(rows))
+    if missing:
+        print(f"FAILED: {', '.join(missing)} (see {out / 'logs'})")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

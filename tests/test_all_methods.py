@@ -1,0 +1,116 @@
+"""Promises every method keeps, checked the same way for all of them (tiny models, a few steps each):
+training changes the adapter, save/reload reproduces outputs, merged equals unmerged, disabling gives the base,
+a bitsandbytes 4-bit base trains, and an SFTTrainer run resumed from a checkpoint equals the uninterrupted one."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from conftest import INPUT, tiny_llama
+from method_configs import PRUNED_BASE, QUANTIZED_4BIT, RESUME_CONFIGS, TINY_CONFIGS, prepare_base, tiny_config
+from peft import PeftModel, get_peft_model
+from test_quantized import quantized_base
+from test_trainer import run_sft
+
+from sparse_peft import before_optimizer_step, begin_step, refresh_masks
+
+METHODS = sorted(TINY_CONFIGS)
+
+
+def train_steps(model, steps: int = 3, lr: float = 1e-2) -> list[float]:
+    """A plain loop driving the schedule hooks the way SparsePeftCallback does."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    for step in range(1, steps + 1):
+        begin_step(model, step)
+        loss = model(INPUT, labels=INPUT).loss
+        loss.backward()
+        before_optimizer_step(model)
+        optimizer.step()
+        optimizer.zero_grad()
+        refresh_masks(model, step, optimizer)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(scope="module", params=METHODS)
+def trained(request, tmp_path_factory):
+    method = request.param
+    base = prepare_base(method, tiny_llama())
+    model = get_peft_model(base, tiny_config(method))
+    losses = train_steps(model, steps=4)
+    out = tmp_path_factory.mktemp(f"adapter-{method}")
+    model.save_pretrained(out)
+    return method, model, losses, out
+
+
+def test_training_changes_the_adapter(trained):
+    method, model, losses, _ = trained
+    assert all(loss == loss for loss in losses), losses
+    with model.disable_adapter():
+        base = model(INPUT).logits
+    assert not torch.allclose(model(INPUT).logits, base, atol=1e-5), f"{method}: the adapter still acts as identity"
+
+
+def test_reload_reproduces_outputs(trained):
+    method, model, _, out = trained
+    model.eval()
+    reloaded = PeftModel.from_pretrained(prepare_base(method, tiny_llama()), out).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(INPUT).logits, reloaded(INPUT).logits, atol=1e-5), method
+
+
+def test_merge_equals_unmerged_and_unmerge_restores(trained):
+    method, model, _, _ = trained
+    model.eval()
+    with torch.no_grad():
+        expected = model(INPUT).logits
+        with model.disable_adapter():
+            base = model(INPUT).logits
+        model.merge_adapter()
+        merged = model(INPUT).logits
+        model.unmerge_adapter()
+        with model.disable_adapter():
+            restored = model(INPUT).logits
+    assert torch.allclose(merged, expected, atol=1e-4), method
+    assert torch.allclose(restored, base, atol=1e-5), method
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_4bit_base_trains(base_dir, tmp_path, method):
+    if method not in QUANTIZED_4BIT:
+        pytest.fail(f"{method} has no 4-bit entry in method_configs.QUANTIZED_4BIT")
+    if method in PRUNED_BASE:  # prune first, then quantize (NF4 keeps exact zeros)
+        pruned_dir = tmp_path / "pruned"
+        prepare_base(method, tiny_llama()).save_pretrained(pruned_dir)
+        base_dir = pruned_dir
+    model = get_peft_model(quantized_base(base_dir, 4), tiny_config(method, **QUANTIZED_4BIT[method]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    losses = train_steps(model, steps=4)
+    assert all(loss == loss for loss in losses), losses
+    now = dict(model.named_parameters())
+    changed = [n for n in before if n in now and not torch.equal(before[n], now[n])]
+    replaced = [n for n, p in now.items() if p.requires_grad and n not in before]  # diff pruning's projection
+    assert changed or replaced, f"{method}: nothing trained on the 4-bit base"
+    with torch.no_grad(), model.disable_adapter():
+        base = model(INPUT).logits
+    assert not torch.allclose(model(INPUT).logits, base), f"{method}: the trained adapter does not act"
+
+
+@pytest.mark.parametrize("method", sorted(RESUME_CONFIGS))
+def test_resume_equals_uninterrupted(base_dir, tmp_path, method):
+    config = lambda: tiny_config(method, **RESUME_CONFIGS[method])  # noqa: E731
+    _, losses_a, state_a = run_sft(base_dir, tmp_path / "a", max_steps=6, save_steps=3, peft_config=config())
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
+    resume = str(tmp_path / "b" / "checkpoint-3")
+    _, losses_b, state_b = run_sft(base_dir, tmp_path / "b", max_steps=6, save_steps=3, peft_config=config(), resume=resume)
+    assert losses_b == pytest.approx(losses_a, abs=1e-5)
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        if state_a[key].dtype.is_floating_point:
+            assert torch.allclose(state_a[key], state_b[key], atol=1e-5), key
+        else:
+            assert torch.equal(state_a[key], state_b[key]), key

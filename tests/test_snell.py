@@ -1,0 +1,184 @@
+"""SNELL on a tiny Llama: kernel, competition, memory-lean gradient and the PEFT layer contract."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import INPUT, tiny_llama
+from peft import PeftModel, get_peft_model
+
+from sparse_peft import SnellConfig, SnellLinear
+from sparse_peft.sparse.kernel_delta import kernel_sparse_matmul
+
+
+def snell_layers(model):
+    return [m for m in model.modules() if isinstance(m, SnellLinear)]
+
+
+def train_steps(model, steps=2, lr=1e-2):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(INPUT, labels=INPUT).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@pytest.fixture
+def snell_model():
+    return get_peft_model(tiny_llama(), SnellConfig(r=4, sparsity=0.7))
+
+
+def dense_reference(x, a, b, scale, n_drop):
+    """The formula written out with autograd: explicit pairwise norms, detached magnitude, quantile mask."""
+    d0 = (b[0][:, None, :] - a[0][None, :, :]).norm(dim=-1)
+    d1 = (b[1][:, None, :] - a[1][None, :, :]).norm(dim=-1)
+    delta = scale * (d0 - d1)
+    tau = delta.detach().abs().reshape(-1).sort().values[n_drop - 1]
+    mask = delta.detach().abs() > tau
+    return x @ (delta * delta.detach().abs() * mask).t()
+
+
+def test_gradient_matches_autograd_on_dense_formulation():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(2, 12, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 9, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 5, 9, dtype=torch.float64)
+    n_drop = round(0.6 * 9 * 12)
+    y = kernel_sparse_matmul(x, a, b, 0.1, n_drop)
+    grads = torch.autograd.grad(y, (x, a, b), g)
+    y_ref = dense_reference(x, a, b, 0.1, n_drop)
+    ref = torch.autograd.grad(y_ref, (x, a, b), g)
+    assert torch.allclose(y, y_ref, atol=1e-12)
+    for got, want in zip(grads, ref, strict=True):
+        assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_backward_saves_no_dense_delta():
+    """Saved for backward: x, the factors and τ; no (out x in) tensor."""
+    a = torch.randn(2, 40, 2, requires_grad=True)
+    b = torch.randn(2, 30, 2, requires_grad=True)
+    x = torch.randn(3, 40)
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        kernel_sparse_matmul(x, a, b, 0.1, 600)
+    assert (30, 40) not in shapes and sorted(shapes) == sorted([(3, 40), (2, 40, 2), (2, 30, 2), ()])
+
+
+def test_kept_fraction_matches_sparsity():
+    for sparsity in (0.0, 0.5, 0.9):
+        model = get_peft_model(tiny_llama(), SnellConfig(r=4, sparsity=sparsity))
+        for layer in snell_layers(model):
+            kept = int((layer.get_delta_weight("default") != 0).sum())
+            assert kept == layer.numel - round(sparsity * layer.numel)
+
+
+def test_forward_is_base_plus_sparsified_kernel_delta(snell_model):
+    layer = snell_layers(snell_model)[0]
+    x = torch.randn(2, layer.in_features)
+    expected = layer.get_base_layer()(x) + x @ layer.get_delta_weight("default").t()
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+
+
+def test_only_factors_train_and_budget_is_lora_rank(snell_model):
+    trainable = {n: p for n, p in snell_model.named_parameters() if p.requires_grad}
+    assert trainable and all(".sparse_peft_snell_A." in n or ".sparse_peft_snell_B." in n for n in trainable)
+    for layer in snell_layers(snell_model):
+        count = layer.sparse_peft_snell_A["default"].numel() + layer.sparse_peft_snell_B["default"].numel()
+        assert count == (layer.in_features + layer.out_features) * 4
+    frozen = {n: p.detach().clone() for n, p in snell_model.named_parameters() if not p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    losses = train_steps(snell_model, steps=3)
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in snell_model.named_parameters() if n in frozen)
+    assert all(not torch.equal(p, before[n]) for n, p in trainable.items())
+
+
+def test_survivor_set_moves_during_training(snell_model):
+    layer = snell_layers(snell_model)[0]
+    mask_before = layer.get_delta_weight("default") != 0
+    train_steps(snell_model, steps=3, lr=5e-2)
+    mask_after = layer.get_delta_weight("default") != 0
+    assert mask_before.sum() == mask_after.sum() and not torch.equal(mask_before, mask_after)
+
+
+def test_merge_unmerge_exact_and_merge_and_unload(snell_model):
+    train_steps(snell_model, steps=1)
+    bases = [layer.get_base_layer().weight.detach().clone() for layer in snell_layers(snell_model)]
+    out = snell_model(INPUT).logits.detach()
+    snell_model.merge_adapter(safe_merge=True)
+    assert torch.allclose(snell_model(INPUT).logits, out, atol=1e-5)
+    for layer, base in zip(snell_layers(snell_model), bases, strict=True):
+        changed = (layer.get_base_layer().weight != base).sum()
+        assert 0 < changed <= layer.numel - round(0.7 * layer.numel)  # only the survivors are written
+    snell_model.unmerge_adapter()
+    for layer, base in zip(snell_layers(snell_model), bases, strict=True):
+        assert torch.equal(layer.get_base_layer().weight, base)
+    merged = copy.deepcopy(snell_model).merge_and_unload()
+    assert not snell_layers(merged) and torch.allclose(merged(INPUT).logits, out, atol=1e-5)
+
+
+def test_disable_adapter_gives_base(snell_model):
+    base = tiny_llama()(INPUT).logits
+    assert not torch.allclose(snell_model(INPUT).logits, base)
+    with snell_model.disable_adapter():
+        assert torch.allclose(snell_model(INPUT).logits, base, atol=1e-6)
+
+
+def test_save_reload_reproduces_outputs(snell_model, base_dir, tmp_path):
+    base = tiny_llama()
+    snell_model = get_peft_model(base, SnellConfig(r=4, sparsity=0.7, seed=3))
+    train_steps(snell_model, steps=2)
+    out = snell_model(INPUT).logits.detach()
+    snell_model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.allclose(reloaded(INPUT).logits, out, atol=1e-6)
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert keys and all("sparse_peft_snell_A" in k or "sparse_peft_snell_B" in k for k in keys)
+
+
+def test_multiple_adapters(snell_model):
+    out = snell_model(INPUT).logits.detach()
+    snell_model.add_adapter("other", SnellConfig(r=2, sparsity=0.5, seed=7))
+    layer = snell_layers(snell_model)[0]
+    assert not layer.sparse_peft_snell_A["other"].requires_grad
+    snell_model.set_adapter("other")
+    assert not torch.allclose(snell_model(INPUT).logits, out)
+    snell_model.set_adapter("default")
+    snell_model.delete_adapter("other")
+    assert "other" not in layer.sparse_peft_snell_A and torch.allclose(snell_model(INPUT).logits, out)
+
+
+def test_quantized_4bit_base_trains(base_dir):
+    pytest.importorskip("bitsandbytes")
+    from test_quantized import quantized_base
+
+    model = get_peft_model(quantized_base(base_dir, 4), SnellConfig(r=4, sparsity=0.5))
+    assert type(snell_layers(model)[0].quantization_backend).__name__ == "Bnb4bitBackend"
+    losses = train_steps(model, steps=3)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"r": 3}, "r must be even"),
+        ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\)"),
+        ({"kernel_scale": 0}, "kernel_scale must be positive"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"r": 0}, "r must be"),
+    ],
+)
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SnellConfig(**kwargs)
