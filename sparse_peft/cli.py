@@ -15,6 +15,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -245,6 +246,15 @@ def reload_check(model, model_path: str | None, adapter_dir: Path, tokenizer, da
     return diff
 
 
+def pruner(spec: PruneSpec, tokenizer, train_set) -> Callable[[torch.nn.Module], Any]:
+    """``model -> report``: prunes a model in place following ``spec``; Wanda calibrates on 16 training prompts."""
+    from .tasks import _prompt_text
+
+    texts = [_prompt_text(tokenizer, row["prompt"]) for row in train_set.select(range(min(16, len(train_set))))]
+    batches = calibration_batches(tokenizer, texts) if spec.method == "wanda" else None
+    return functools.partial(prune_model, spec=spec, batches=batches)
+
+
 def train(args: argparse.Namespace) -> int:
     from trl import SFTConfig, SFTTrainer
 
@@ -263,11 +273,7 @@ def train(args: argparse.Namespace) -> int:
     train_set, eval_set = load_data(args)
     prune_base, n_m, sparsity = None, args.prune.n_m if args.prune else None, {"prune": str(args.prune or "")}
     if args.prune is not None:
-        from .tasks import _prompt_text
-
-        texts = [_prompt_text(tokenizer, row["prompt"]) for row in train_set.select(range(min(16, len(train_set))))]
-        batches = calibration_batches(tokenizer, texts) if args.prune.method == "wanda" else None
-        prune_base = functools.partial(prune_model, spec=args.prune, batches=batches)
+        prune_base = pruner(args.prune, tokenizer, train_set)
         print(f"pruned {args.prune}: {prune_base(model)}", flush=True)
     if args.prune is not None or args.method in ("spp", "lors"):
         sparsity["before"] = measure_sparsity(model, n_m=n_m).to_dict(per_layer=False)

@@ -40,6 +40,9 @@ class SparseScriptArguments:
     eval_dataset_name: str | None = field(default=None, metadata={"help": "eval set with an 'answer' column"})
     n_train: int = field(default=2000, metadata={"help": "built-in task: training problems"})
     n_eval: int = field(default=100, metadata={"help": "built-in task: evaluation problems (0: skip evaluation)"})
+    prune: str | None = field(
+        default=None, metadata={"help": "prune the base first (SPP/LoRS): wanda:0.5, magnitude:0.5, 2:4, wanda:4:8"}
+    )
     wrap_first: bool = field(
         default=False,
         metadata={"help": "DPO: wrap the model with get_peft_model before the trainer (TRL then adds a 'ref' adapter)"},
@@ -123,7 +126,15 @@ def run(kind: str, argv: list[str]) -> int:
     _check_output_dir(training)
     model, tokenizer = load_model_and_tokenizer(script.model_name_or_path)
     train_set, eval_set = _data(kind, script)
+    if script.prune:
+        from .cli import pruner
+        from .prune import parse_prune_spec
+
+        print(f"pruned {script.prune}: {pruner(parse_prune_spec(script.prune), tokenizer, train_set)(model)}")
     before = _evaluate(model, tokenizer, eval_set, "before")
+    if kind == "dpo" and not type(peft_config).identity_at_init and not script.wrap_first:
+        print(f"{script.method}: a fresh adapter is not the identity, so the DPO reference is a frozen copy of it")
+        script.wrap_first = True
     if kind == "dpo" and script.wrap_first:
         model, peft_config = get_peft_model(model, peft_config), None
     trainer_cls = SFTTrainer if kind == "sft" else DPOTrainer

@@ -27,10 +27,10 @@ TEXTS = [f"sample {i}: " + "abcdefghij"[i % 10] * (3 + i % 5) for i in range(32)
 STEPS = 6
 
 
-def train_one(out: str, method: str, rank: int) -> None:
-    args = SFTConfig(
-        output_dir=os.path.join(out, f"trainer-{method}-{rank}"),
-        max_steps=STEPS,
+def sft_args(out: str, name: str, rank: int, steps: int = STEPS) -> SFTConfig:
+    return SFTConfig(
+        output_dir=os.path.join(out, f"trainer-{name}-{rank}"),
+        max_steps=steps,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
         learning_rate=2e-2,
@@ -42,15 +42,29 @@ def train_one(out: str, method: str, rank: int) -> None:
         activation_checkpointing=False,
         disable_tqdm=True,
     )
-    trainer = SFTTrainer(
-        model=tiny_llama(),
+
+
+def trainer_for(model, args: SFTConfig, peft_config=None) -> SFTTrainer:
+    return SFTTrainer(
+        model=model,
         args=args,
         train_dataset=Dataset.from_dict({"text": TEXTS}),
         processing_class=char_tokenizer(),
-        peft_config=ddp_config(method),
+        peft_config=peft_config,
         callbacks=[sparse_peft.SparsePeftCallback()],
     )
+
+
+def train_one(out: str, method: str, rank: int) -> None:
+    trainer = trainer_for(tiny_llama(), sft_args(out, method, rank), ddp_config(method))
     trainer.train()
+    if method == "diff_pruning":
+        # stages cannot change under a live DDP wrapper: stage 1 runs, every rank projects (one deterministic global
+        # threshold over synchronised diffs), and stage 3 trains the projected adapter in a second DDP run
+        model = trainer.model
+        model.base_model.project()
+        trainer = trainer_for(model, sft_args(out, f"{method}-stage3", rank, steps=3))
+        trainer.train()
     state = {k: v.contiguous() for k, v in get_peft_model_state_dict(trainer.model).items()}
     save_file(state, os.path.join(out, f"{method}-rank{rank}.safetensors"))
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1

@@ -22,10 +22,17 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 #: Overrides for the 6-step DDP run (schedules that pick or move masks within the run).
 DDP_OVERRIDES: dict[str, dict[str, Any]] = {
     "spiel": {"density": 0.1, "reselection_steps": 3, "selection_accumulation_steps": 2},
+    "diff_pruning": {"projection_step": None},  # the worker projects between two DDP runs
 }
 
 #: Methods whose masks are chosen or changed during training, and a substring of their mask tensors' names.
-MASK_METHODS: dict[str, str] = {"lift": "indices", "spiel": "indices", "rosa": "indices", "smt": "positions", "diff_pruning": "indices"}
+MASK_METHODS: dict[str, str] = {
+    "lift": "indices",
+    "spiel": "indices",
+    "rosa": "indices",
+    "smt": "positions",
+    "diff_pruning": "indices",
+}
 
 
 def tiny_config(method: str, **overrides: Any):

@@ -106,7 +106,9 @@ def test_resume_equals_uninterrupted(base_dir, tmp_path, method):
     _, losses_a, state_a = run_sft(base_dir, tmp_path / "a", max_steps=6, save_steps=3, peft_config=config())
     shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
     resume = str(tmp_path / "b" / "checkpoint-3")
-    _, losses_b, state_b = run_sft(base_dir, tmp_path / "b", max_steps=6, save_steps=3, peft_config=config(), resume=resume)
+    _, losses_b, state_b = run_sft(
+        base_dir, tmp_path / "b", max_steps=6, save_steps=3, peft_config=config(), resume=resume
+    )
     assert losses_b == pytest.approx(losses_a, abs=1e-5)
     assert state_a.keys() == state_b.keys()
     for key in state_a:

@@ -12,6 +12,7 @@ from method_configs import TINY_CONFIGS, tiny_config
 from peft import get_peft_model
 from trl import DPOConfig, DPOTrainer
 
+import sparse_peft
 from sparse_peft import SparsePeftCallback
 from sparse_peft.dpo import sync_reference_adapter
 from sparse_peft.tasks import preference_task
@@ -45,10 +46,23 @@ def dpo_first_loss(tmp_path, model, peft_config=None, callbacks=None) -> float:
     return next(h["loss"] for h in trainer.state.log_history if "loss" in h)
 
 
-@pytest.mark.parametrize("method", sorted(TINY_CONFIGS))
+IDENTITY_METHODS = sorted(m for m in TINY_CONFIGS if sparse_peft.METHODS[m][0].identity_at_init)
+
+
+@pytest.mark.parametrize("method", IDENTITY_METHODS)
 def test_first_dpo_loss_is_ln2_with_peft_config(tmp_path, method):
+    """TRL's reference is the model with the adapter disabled; a fresh adapter is the identity, so policy = ref."""
     loss = dpo_first_loss(tmp_path, tiny_chat_model(), tiny_config(method), [SparsePeftCallback()])
-    assert loss == pytest.approx(math.log(2), abs=1e-4)
+    assert loss == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_snell_is_not_the_identity_at_init():
+    """SNELL has no trainable identity point, so DPO must use a wrapped model (reference = frozen copy)."""
+    assert not sparse_peft.SnellConfig.identity_at_init
+    model = get_peft_model(tiny_chat_model(), tiny_config("snell"))
+    with torch.no_grad(), model.disable_adapter():
+        base = model(torch.tensor([[5, 6, 7]])).logits
+    assert not torch.equal(model(torch.tensor([[5, 6, 7]])).logits, base)
 
 
 def _pretrained_adapter(method: str):
@@ -67,7 +81,7 @@ def _pretrained_adapter(method: str):
 @pytest.mark.parametrize("method", sorted(TINY_CONFIGS))
 def test_first_dpo_loss_is_ln2_with_wrapped_model(tmp_path, method):
     loss = dpo_first_loss(tmp_path, _pretrained_adapter(method), callbacks=[SparsePeftCallback()])
-    assert loss == pytest.approx(math.log(2), abs=1e-4)
+    assert loss == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_without_the_sync_the_reference_differs(tmp_path):

@@ -24,6 +24,9 @@ class SparseConfig(PeftConfig):
     """
 
     method: ClassVar[str] = ""
+    #: Whether a fresh adapter leaves the model's outputs unchanged (False for SNELL, whose kernel update has no
+    #: trainable identity point); DPO with ``peft_config`` needs it for its reference (adapter disabled) to match.
+    identity_at_init: ClassVar[bool] = True
 
     target_modules: Optional[Union[list[str], str]] = field(
         default="all-linear",

@@ -32,6 +32,7 @@ class SnellConfig(SparseConfig):
     """
 
     method: ClassVar[str] = "snell"
+    identity_at_init: ClassVar[bool] = False
 
     r: int = field(default=8, metadata={"help": "LoRA-equivalent rank (even); two factor pairs of rank r/2."})
     sparsity: float = field(default=0.9, metadata={"help": "Fraction of ΔW zeroed at every forward, in [0, 1)."})
