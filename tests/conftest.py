@@ -41,6 +41,23 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
 INPUT = (torch.arange(24).view(3, 8) * 7) % 128
 
 
+def train_steps(model, steps: int = 3, lr: float = 1e-2) -> list[float]:
+    """``steps`` plain AdamW steps on the causal-LM loss of ``INPUT`` (train mode, then back to eval); the losses.
+
+    No schedule hooks run: for methods whose masks are fixed at creation (SNELL, SPP, LoRS)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(INPUT, labels=INPUT).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
 @pytest.fixture
 def base_model() -> LlamaForCausalLM:
     return tiny_llama()

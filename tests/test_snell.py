@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import INPUT, tiny_llama
+from conftest import INPUT, tiny_llama, train_steps
 from peft import PeftModel, get_peft_model
 
 from sparse_peft import SnellConfig, SnellLinear
@@ -15,20 +15,6 @@ from sparse_peft.sparse.kernel_delta import kernel_sparse_matmul
 
 def snell_layers(model):
     return [m for m in model.modules() if isinstance(m, SnellLinear)]
-
-
-def train_steps(model, steps=2, lr=1e-2):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(INPUT, labels=INPUT).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 @pytest.fixture

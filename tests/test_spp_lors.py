@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import INPUT, tiny_llama
+from conftest import INPUT, tiny_llama, train_steps
 from peft import PeftModel, get_peft_model
 
 from sparse_peft import LorsConfig, LorsLinear, SppConfig, SppLinear, lors_gradient_init, magnitude_prune
@@ -36,25 +36,11 @@ def layers(model, cls=(SppLinear, LorsLinear)):
     return [m for m in model.modules() if isinstance(m, cls)]
 
 
-def train_steps(model, steps=3, lr=2e-2):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(INPUT, labels=INPUT).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
 def test_merge_keeps_every_zero_and_nm_and_equals_unmerged(method, pattern):
     model = adapted(method, pattern)
-    losses = train_steps(model)
+    losses = train_steps(model, lr=2e-2)
     assert losses[-1] < losses[0]
     zeros = zero_sets(model)
     trained = model(INPUT).logits.detach()
@@ -204,7 +190,7 @@ def test_lors_two_adapters_set_and_delete():
 @pytest.mark.parametrize("method", ["spp", "lors"])
 def test_save_and_reload_reproduce_outputs(method, tmp_path):
     model = adapted(method)
-    train_steps(model, steps=2)
+    train_steps(model, steps=2, lr=2e-2)
     expected = model(INPUT).logits.detach()
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(pruned_llama(), tmp_path)
@@ -268,7 +254,7 @@ def test_nf4_dequantized_zero_pattern_keeps_every_pruned_zero(tmp_path):
     quantized = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=qc, device_map="cpu")
     model = get_peft_model(quantized, LorsConfig(r=2, init_weights=False))
     assert zeros_kept(zeros, model)
-    train_steps(model, steps=1)
+    train_steps(model, steps=1, lr=2e-2)
     for name, layer in model.base_model.model.named_modules():
         if isinstance(layer, LorsLinear):
             adapted_weight = layer._build(("default",), *layer.factors("default")).detach()  # a dequantized merge

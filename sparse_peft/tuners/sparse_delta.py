@@ -14,17 +14,15 @@ Subclasses decide the budget ``k`` (:meth:`budget`) and the initial positions (:
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
-from peft.utils import resolve_quantization_backend
 from torch import nn
 
 from ..sparse.delta import SparsePattern, add_into, dense_delta, gather, index_dtype, sparse_delta_matmul
 from .base import SparseConfig
+from .layer_base import SparseLayerBase
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
@@ -32,13 +30,14 @@ def _same_key(a: tuple, b: tuple) -> bool:
     return all((x is y) if isinstance(x, torch.Tensor) else (x == y) for x, y in zip(a, b, strict=True))
 
 
-class SparseDeltaLinear(nn.Module, BaseTunerLayer):
+class SparseDeltaLinear(SparseLayerBase):
     """A linear layer plus sparse deltas, one per adapter (see module docstring for the formula and the storage)."""
 
     prefix: str = "sparse_delta_"
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
     min_budget: int = 1  # smallest allowed k; a subclass with an optional sparse part (RoSA's density=0) sets 0
+    _adapter_state = ("adapter_configs", "_merge_originals", "_pattern_cache")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -47,20 +46,13 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         cls.other_param_names = (f"{p}indices", f"{p}frozen_values", f"{p}frozen_indices")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SparseConfig, module_name: str = "") -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer, module_name)
         p = self.prefix
         setattr(self, f"{p}values", nn.ParameterDict({}))
         for name in ("indices", "frozen_values", "frozen_indices"):
             setattr(self, f"{p}{name}", BufferDict({}, persistent=True))
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
         self._merge_originals: dict[str, torch.Tensor] = {}
-        self.module_name = module_name
-        self.adapter_configs: dict[str, SparseConfig] = {}
         self._pattern_cache: dict[str, tuple[tuple, SparsePattern]] = {}
-        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -80,14 +72,6 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
     @property
     def frozen_indices(self) -> BufferDict:
         return getattr(self, f"{self.prefix}frozen_indices")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.out_features, self.in_features)
-
-    @property
-    def numel(self) -> int:
-        return self.out_features * self.in_features
 
     # ---- method hooks ------------------------------------------------------------------------------------------
     def budget(self, config: SparseConfig) -> int:
@@ -146,10 +130,6 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def _weight_device(self) -> torch.device:
-        weight = getattr(self.get_base_layer(), "weight", None)
-        return weight.device if weight is not None else torch.device("cpu")
-
     def set_frozen(self, adapter_name: str, positions: torch.Tensor, values: torch.Tensor) -> None:
         """Replace the frozen part of ``adapter_name`` and record its size in the config (for loaders)."""
         self.frozen_indices[adapter_name] = positions.to(self.indices[adapter_name].dtype)
@@ -193,15 +173,9 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        result, final = self._base_forward(x, *args, **kwargs)
+        if final:
             return result
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
         for name in self.active_adapters:
             if name not in self.values:
                 continue
@@ -215,48 +189,40 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """``W ← W + ΔW`` for each adapter, touching only its entries; the replaced entries are kept so that
         :meth:`unmerge` restores the base exactly (up to re-quantization on quantized bases)."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if self.quantization_backend is not None and adapter_names:
-            warnings.warn(
-                f"merging into the quantized base of {self.module_name or type(self.get_base_layer()).__name__} "
-                f"re-quantizes the weight and is lossy; merge into a dequantized copy of the model instead",
-                UserWarning,
-                stacklevel=2,
-            )
-        for name in adapter_names:
+        for name in self._adapters_to_merge(adapter_names):
             if name not in self.values:
                 continue
             weight = self.get_base_weight()
+            dense = self._dense_merge_term(name)
+            if dense is not None:
+                weight = (weight.float() + dense.to(weight.device)).to(weight.dtype)
             values, indices, _ = self.delta_tensors(name)
             merged = add_into(weight, values.detach(), indices)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights of {self.module_name}; adapter {name} is broken")
+            self._check_merged(merged, name, safe_merge)
             self._merge_originals[name] = gather(weight, indices).clone()
             self.set_base_weight(merged)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Undo :meth:`merge`, last merged adapter first, writing back the saved original entries."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
+        for name in self._unmerge_order():
             if name not in self.values:
                 continue
             _, indices, _ = self.delta_tensors(name)
             weight = self.get_base_weight().clone()
             weight.view(-1)[indices.long()] = self._merge_originals.pop(name).to(weight.dtype)
+            dense = self._dense_merge_term(name)
+            if dense is not None:
+                weight = (weight.float() - dense.to(weight.device)).to(weight.dtype)
             self.set_base_weight(weight)
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self.adapter_configs.pop(adapter_name, None)
-        self._merge_originals.pop(adapter_name, None)
-        self._pattern_cache.pop(adapter_name, None)
+    def _dense_merge_term(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """A dense float32 ``(out, in)`` part of ``ΔW`` besides the entries (RoSA's ``s·B·A``), or None.
 
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return False
+        :meth:`merge` adds it before writing the entries; :meth:`unmerge` writes the entries back, then subtracts it
+        (exact up to float rounding, like PEFT's LoRA).
+        """
+        return None
 
     # ---- loading -----------------------------------------------------------------------------------------------
     def prepare_load(self, module_key: str, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
@@ -311,6 +277,3 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         self.frozen_indices[adapter_name] = torch.zeros(
             state_dict[ikey].shape, dtype=self.indices[adapter_name].dtype, device=current.device
         )
-
-    def __repr__(self) -> str:
-        return f"{self.prefix.rstrip('_')}.{super().__repr__()}"

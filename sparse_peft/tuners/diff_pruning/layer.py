@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional
 
 import torch
@@ -220,21 +219,16 @@ class DiffPruningLinear(SparseDeltaLinear):
                 super().merge(safe_merge, [name])
                 continue
             if self.quantization_backend is not None:
-                warnings.warn("merging into a quantized base is lossy", UserWarning, stacklevel=2)
+                self._warn_lossy_merge()
             weight = self.get_base_weight()
             merged = weight + self.get_delta_weight(name).to(weight.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights of {self.module_name}; adapter {name} is broken")
+            self._check_merged(merged, name, safe_merge)
             self._merge_originals[name] = weight.clone()
             self.set_base_weight(merged)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
+        for name in self._unmerge_order():
             original = self._merge_originals.pop(name, None)
             if original is None:
                 continue

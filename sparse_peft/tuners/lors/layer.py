@@ -22,21 +22,19 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
-from peft.utils import resolve_quantization_backend
 from torch import nn
 
 from ...sparse.recompute import FactorGrads, recomputed_linear
 from ..base import SparseConfig
+from ..layer_base import SparseLayerBase
 from .config import LorsConfig
 
 
-class WeightRecomputeLayer(nn.Module, BaseTunerLayer):
+class WeightRecomputeLayer(SparseLayerBase):
     """A linear layer whose weight ``W_eff = f_K(…f_1(W)…)`` applies each active adapter ``k`` in turn.
 
     Subclasses set ``prefix`` and ``factor_names`` (short names, e.g. ``("A", "B")``; the attributes are
@@ -54,17 +52,10 @@ class WeightRecomputeLayer(nn.Module, BaseTunerLayer):
         cls.adapter_layer_names = tuple(f"{cls.prefix}{name}" for name in cls.factor_names)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SparseConfig, module_name: str = "") -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer, module_name)
         for attr in self.adapter_layer_names:
             setattr(self, attr, nn.ParameterDict({}))
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
         self._unmerged_weight: Optional[torch.Tensor] = None
-        self.module_name = module_name
-        self.adapter_configs: dict[str, SparseConfig] = {}
-        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -90,10 +81,6 @@ class WeightRecomputeLayer(nn.Module, BaseTunerLayer):
     def _has(self, adapter_name: str) -> bool:
         return adapter_name in getattr(self, self.adapter_layer_names[0])
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.out_features, self.in_features)
-
     def update_layer(self, adapter_name: str, config: SparseConfig, **kwargs: Any) -> None:
         """Create adapter ``adapter_name`` with the factors of :meth:`init_factors`."""
         device, initial = self._weight_device(), self.init_factors(config)
@@ -102,10 +89,6 @@ class WeightRecomputeLayer(nn.Module, BaseTunerLayer):
         self.adapter_configs[adapter_name] = config
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
-
-    def _weight_device(self) -> torch.device:
-        weight = getattr(self.get_base_layer(), "weight", None)
-        return weight.device if weight is not None else torch.device("cpu")
 
     def _generator(self, config: SparseConfig) -> torch.Generator:
         return torch.Generator().manual_seed(config.seed + 1)
@@ -128,12 +111,8 @@ class WeightRecomputeLayer(nn.Module, BaseTunerLayer):
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
         names = [name for name in self.active_adapters if self._has(name)]
-        if self.merged or not names:
+        if self._adapters_off() or self.merged or not names:
             return self.base_layer(x, *args, **kwargs)
         flat = [factor for name in names for factor in self.factors(name)]
         bias = getattr(self.get_base_layer(), "bias", None)
@@ -144,15 +123,7 @@ class WeightRecomputeLayer(nn.Module, BaseTunerLayer):
     # ---- merge / unmerge ---------------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """``W ← f_k(W)`` for each adapter in turn; the first merge keeps a CPU copy of ``W`` for :meth:`unmerge`."""
-        adapter_names = [n for n in check_adapters_to_merge(self, adapter_names) if self._has(n)]
-        if self.quantization_backend is not None and adapter_names:
-            warnings.warn(
-                f"merging into the quantized base of {self.module_name or type(self.get_base_layer()).__name__} "
-                f"re-quantizes the weight and is lossy; merge into a dequantized copy of the model instead",
-                UserWarning,
-                stacklevel=2,
-            )
-        for name in adapter_names:
+        for name in self._adapters_to_merge(adapter_names, keep=self._has):
             weight = self.get_base_weight()
             if self._unmerged_weight is None:
                 self._unmerged_weight = weight.detach().to("cpu", copy=True)
@@ -160,30 +131,18 @@ class WeightRecomputeLayer(nn.Module, BaseTunerLayer):
             with torch.no_grad():
                 factors = [f.detach() for f in self.factors(name)]
                 merged = self.apply_adapter(weight, base, self.adapter_configs[name], *factors).to(weight.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights of {self.module_name}; adapter {name} is broken")
+            self._check_merged(merged, name, safe_merge)
             self.set_base_weight(merged)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Restore the weight saved by the first :meth:`merge` (bit for bit on float bases)."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+        if self._nothing_to_unmerge():
             return
         device = self.get_base_weight().device
         self.set_base_weight(self._unmerged_weight.to(device))
         self._unmerged_weight = None
         self.merged_adapters.clear()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self.adapter_configs.pop(adapter_name, None)
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return False
-
-    def __repr__(self) -> str:
-        return f"{self.prefix.rstrip('_')}.{super().__repr__()}"
 
 
 def _kaiming_uniform(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -12,10 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from ...sparse.delta import add_into, dense_delta, gather, index_dtype, sparse_delta_matmul
+from ...sparse.delta import dense_delta, index_dtype, sparse_delta_matmul
 from ...sparse.masks_file import read_mask
 from ...sparse.regrow import unwrap_optimizer
 from ...sparse.select import gradient_score, magnitude_score, random_score, topk_positions
@@ -71,6 +69,7 @@ class RosaLinear(SparseDeltaLinear):
     """
 
     prefix = "sparse_peft_rosa_"
+    _adapter_state = (*SparseDeltaLinear._adapter_state, "_windows", "_phase")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._windows: dict[str, GradientWindow] = {}
@@ -141,15 +140,9 @@ class RosaLinear(SparseDeltaLinear):
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        result, final = self._base_forward(x, *args, **kwargs)
+        if final:
             return result
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
         for name in self.active_adapters:
             if name not in self.adapter_configs:
                 continue
@@ -187,47 +180,10 @@ class RosaLinear(SparseDeltaLinear):
         lora = self._lora_delta(adapter_name)
         return delta if lora is None else delta + lora.to(delta.device)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """``W ← W + s·B·A + S`` for each adapter; the entries ``S`` overwrites are kept for :meth:`unmerge`."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if self.quantization_backend is not None and adapter_names:
-            warnings.warn(
-                f"merging into the quantized base of {self.module_name or 'a layer'} re-quantizes the weight and is "
-                f"lossy; merge into a dequantized copy of the model instead",
-                UserWarning,
-                stacklevel=2,
-            )
-        for name in adapter_names:
-            if name not in self.adapter_configs:
-                continue
-            weight = self.get_base_weight()
-            lora = self._lora_delta(name)
-            if lora is not None:
-                weight = (weight.float() + lora.to(weight.device)).to(weight.dtype)
-            values, indices, _ = self.delta_tensors(name)
-            merged = add_into(weight, values.detach(), indices)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights of {self.module_name}; adapter {name} is broken")
-            self._merge_originals[name] = gather(weight, indices).clone()
-            self.set_base_weight(merged)
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Undo :meth:`merge`, last merged adapter first: write back the saved entries, then subtract ``s·B·A``."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name not in self.adapter_configs:
-                continue
-            _, indices, _ = self.delta_tensors(name)
-            weight = self.get_base_weight().clone()
-            weight.view(-1)[indices.long()] = self._merge_originals.pop(name).to(weight.dtype)
-            lora = self._lora_delta(name)
-            if lora is not None:
-                weight = (weight.float() - lora.to(weight.device)).to(weight.dtype)
-            self.set_base_weight(weight)
+    def _dense_merge_term(self, name: str) -> Optional[torch.Tensor]:
+        """``s·B·A``: :meth:`merge` gives ``W ← W + s·B·A + S`` for each adapter, keeping the entries ``S``
+        overwrites; :meth:`unmerge` (last merged adapter first) writes those back, then subtracts ``s·B·A``."""
+        return self._lora_delta(name)
 
     # ---- schedule ------------------------------------------------------------------------------------------
     def on_step_begin(self, adapter_name: str, step: int, context: Any = None) -> None:
@@ -362,11 +318,6 @@ class RosaLinear(SparseDeltaLinear):
                 count=float(payload["count"]),
                 steps=int(payload["steps"]),
             )
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self._windows.pop(adapter_name, None)
-        self._phase.pop(adapter_name, None)
 
 
 _p = RosaLinear.prefix

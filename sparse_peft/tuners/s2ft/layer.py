@@ -11,11 +11,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
-from peft.utils import resolve_quantization_backend
 from torch import nn
 
 from ...sparse.slices import col_slice_matmul, row_slice_matmul, tap_gradient
+from ..layer_base import SparseLayerBase
 from .config import S2FTConfig
 
 
@@ -68,7 +67,7 @@ def slice_spec(role: str, shape: tuple[int, int], config: S2FTConfig, attention:
     return SliceSpec(role, axis, unit, n_units, count)
 
 
-class S2FTLinear(nn.Module, BaseTunerLayer):
+class S2FTLinear(SparseLayerBase):
     """S²FT on one linear layer (Yang et al., NeurIPS 2024, "S²FT").
 
     Forward, row role (V heads, up channels): ``y = x Wᵀ + b``, then ``y[..., R] += x · Dᵀ``, ``D`` of shape
@@ -89,6 +88,7 @@ class S2FTLinear(nn.Module, BaseTunerLayer):
     prefix: str = "sparse_peft_s2ft_"
     adapter_layer_names: tuple[str, ...] = ("sparse_peft_s2ft_delta",)
     other_param_names: tuple[str, ...] = ("sparse_peft_s2ft_index",)
+    _adapter_state = ("adapter_configs", "specs", "_calibration", "_merge_originals", "uncalibrated")
 
     def __init__(
         self,
@@ -98,21 +98,14 @@ class S2FTLinear(nn.Module, BaseTunerLayer):
         module_name: str = "",
         attention: Optional[AttentionShape] = None,
     ) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer, module_name)
         self.sparse_peft_s2ft_delta = nn.ParameterDict({})
         self.sparse_peft_s2ft_index = BufferDict({}, persistent=True)
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
         self._merge_originals: dict[str, torch.Tensor] = {}
-        self.module_name = module_name
         self.attention = attention
-        self.adapter_configs: dict[str, S2FTConfig] = {}
         self.specs: dict[str, SliceSpec] = {}
         self.uncalibrated: set[str] = set()
         self._calibration: dict[str, dict[str, torch.Tensor]] = {}
-        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -123,10 +116,6 @@ class S2FTLinear(nn.Module, BaseTunerLayer):
     @property
     def index(self) -> BufferDict:
         return self.sparse_peft_s2ft_index
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.out_features, self.in_features)
 
     def role(self, config: S2FTConfig) -> str:
         leaf = self.module_name.split(".")[-1]
@@ -159,10 +148,6 @@ class S2FTLinear(nn.Module, BaseTunerLayer):
         self.index[adapter_name] = coords.to(device=device, dtype=torch.int32)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
-
-    def _weight_device(self) -> torch.device:
-        weight = getattr(self.get_base_layer(), "weight", None)
-        return weight.device if weight is not None else torch.device("cpu")
 
     def _static_scores(self, config: S2FTConfig, spec: SliceSpec) -> torch.Tensor:
         """Unit scores available without data: seeded random, or the norm of each unit's weights."""
@@ -225,15 +210,9 @@ class S2FTLinear(nn.Module, BaseTunerLayer):
 
     # ---- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        result, final = self._base_forward(x, *args, **kwargs)
+        if final:
             return result
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
         for name in self.active_adapters:
             if name not in self.delta:
                 continue
@@ -273,48 +252,26 @@ class S2FTLinear(nn.Module, BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """``W[R, :] += D`` or ``W[:, C] += D``; the replaced slice is kept so :meth:`unmerge` is exact."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if self.quantization_backend is not None and adapter_names:
-            warnings.warn(
-                f"merging into the quantized base of {self.module_name} re-quantizes the weight and is lossy; "
-                f"merge into a dequantized copy of the model instead",
-                UserWarning,
-                stacklevel=2,
-            )
-        for name in adapter_names:
+        for name in self._adapters_to_merge(adapter_names):
             if name not in self.delta:
                 continue
             weight = self.get_base_weight().clone()
             where = self._slice(name, weight)
             original = weight[where].clone()
             weight[where] = original + self.delta[name].detach().to(weight.dtype)
-            if safe_merge and not torch.isfinite(weight).all():
-                raise ValueError(f"NaNs detected in the merged weights of {self.module_name}; adapter {name} is broken")
+            self._check_merged(weight, name, safe_merge)
             self._merge_originals[name] = original
             self.set_base_weight(weight)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
+        for name in self._unmerge_order():
             original = self._merge_originals.pop(name, None)
             if original is None:
                 continue
             weight = self.get_base_weight().clone()
             weight[self._slice(name, weight)] = original
             self.set_base_weight(weight)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        for store in (self.adapter_configs, self.specs, self._calibration, self._merge_originals):
-            store.pop(adapter_name, None)
-        self.uncalibrated.discard(adapter_name)
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return False
 
     def prepare_load(self, module_key: str, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
         """Check that the checkpoint's slice indices fit this layer and are whole units of its role."""
@@ -340,6 +297,3 @@ class S2FTLinear(nn.Module, BaseTunerLayer):
                 f"adapter slice indices for {module_key} are not whole {spec.role} units inside the weight"
             )
         self.uncalibrated.discard(adapter_name)
-
-    def __repr__(self) -> str:
-        return f"{self.prefix.rstrip('_')}.{super().__repr__()}"

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import math
-import warnings
 from functools import partial
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
-from peft.utils import resolve_quantization_backend
 from torch import nn
 
 from ...sparse.slices import (
@@ -25,10 +22,11 @@ from ...sparse.slices import (
     scatter_blocks,
     tap_gradient,
 )
+from ..layer_base import SparseLayerBase
 from .config import SmtConfig
 
 
-class SmtLinear(nn.Module, BaseTunerLayer):
+class SmtLinear(SparseLayerBase):
     """SMT on one linear layer (He et al., ICLR 2025, "Sparse Matrix Tuning").
 
     Forward: ``y = x Wᵀ + b + x ΔWᵀ`` with ``ΔW[r_i·b : r_i·b+h_i, c_i·b : c_i·b+w_i] = B_i[:h_i, :w_i]`` for the
@@ -54,24 +52,26 @@ class SmtLinear(nn.Module, BaseTunerLayer):
     prefix: str = "sparse_peft_smt_"
     adapter_layer_names: tuple[str, ...] = ("sparse_peft_smt_blocks",)
     other_param_names: tuple[str, ...] = ("sparse_peft_smt_positions",)
+    _adapter_state = (
+        "adapter_configs",
+        "selectors",
+        "_grad_acc",
+        "_groups",
+        "_layouts",
+        "_merge_originals",
+        "_collecting",
+    )
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SmtConfig, module_name: str = "") -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer, module_name)
         self.sparse_peft_smt_blocks = nn.ParameterDict({})
         self.sparse_peft_smt_positions = BufferDict({}, persistent=True)
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
         self._merge_originals: dict[str, tuple[BlockLayout, torch.Tensor]] = {}
-        self.module_name = module_name
-        self.adapter_configs: dict[str, SmtConfig] = {}
         self.selectors: dict[str, BlockSelector] = {}
         self._grad_acc: dict[str, torch.Tensor] = {}
         self._collecting: set[str] = set()
         self._groups: dict[str, Any] = {}
         self._layouts: dict[str, tuple[tuple, Optional[BlockLayout], int]] = {}
-        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -83,10 +83,6 @@ class SmtLinear(nn.Module, BaseTunerLayer):
     @property
     def positions(self) -> BufferDict:
         return self.sparse_peft_smt_positions
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.out_features, self.in_features)
 
     def grid(self, adapter_name: str) -> tuple[int, int]:
         return grid_shape(self.shape, self.adapter_configs[adapter_name].block_size)
@@ -123,10 +119,6 @@ class SmtLinear(nn.Module, BaseTunerLayer):
         )
         pos = self.positions[adapter_name]
         self.positions[adapter_name] = torch.full((capacity, 2), -1, dtype=pos.dtype, device=pos.device)
-
-    def _weight_device(self) -> torch.device:
-        weight = getattr(self.get_base_layer(), "weight", None)
-        return weight.device if weight is not None else torch.device("cpu")
 
     def layout(self, adapter_name: str) -> tuple[Optional[BlockLayout], int]:
         """The selected blocks' layout and count (``None, 0`` before selection), cached per positions version."""
@@ -209,15 +201,9 @@ class SmtLinear(nn.Module, BaseTunerLayer):
 
     # ---- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        result, final = self._base_forward(x, *args, **kwargs)
+        if final:
             return result
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
         for name in self.active_adapters:
             if name not in self.blocks:
                 continue
@@ -241,15 +227,7 @@ class SmtLinear(nn.Module, BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """``W ← W + ΔW`` block by block; the replaced blocks are kept so :meth:`unmerge` restores ``W`` exactly."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if self.quantization_backend is not None and adapter_names:
-            warnings.warn(
-                f"merging into the quantized base of {self.module_name} re-quantizes the weight and is lossy; "
-                f"merge into a dequantized copy of the model instead",
-                UserWarning,
-                stacklevel=2,
-            )
-        for name in adapter_names:
+        for name in self._adapters_to_merge(adapter_names):
             if name not in self.blocks:
                 continue
             layout, used = self.layout(name)
@@ -258,33 +236,18 @@ class SmtLinear(nn.Module, BaseTunerLayer):
                 continue
             weight = self.get_base_weight()
             merged = scatter_blocks(weight, self.blocks[name].detach()[:used], layout, add=True)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights of {self.module_name}; adapter {name} is broken")
+            self._check_merged(merged, name, safe_merge)
             self._merge_originals[name] = (layout, gather_blocks(weight, layout))
             self.set_base_weight(merged)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
+        for name in self._unmerge_order():
             saved = self._merge_originals.pop(name, None)
             if saved is None:
                 continue
             layout, originals = saved
             self.set_base_weight(scatter_blocks(self.get_base_weight(), originals, layout, add=False))
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        for store in (self.adapter_configs, self.selectors, self._grad_acc, self._groups, self._layouts):
-            store.pop(adapter_name, None)
-        self._merge_originals.pop(adapter_name, None)
-        self._collecting.discard(adapter_name)
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return False
 
     # ---- loading and resume --------------------------------------------------------------------------------
     def prepare_load(self, module_key: str, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
@@ -314,9 +277,6 @@ class SmtLinear(nn.Module, BaseTunerLayer):
     def import_window(self, saved: dict) -> None:
         for name, payload in saved.items():
             self._grad_acc[name] = torch.tensor(payload["grad"], dtype=torch.float32, device=self._weight_device())
-
-    def __repr__(self) -> str:
-        return f"{self.prefix.rstrip('_')}.{super().__repr__()}"
 
 
 class BlockSelector:

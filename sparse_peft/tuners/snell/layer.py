@@ -7,16 +7,15 @@ import warnings
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
-from peft.utils import resolve_quantization_backend
 from torch import nn
 
 from ...sparse.delta import add_into, gather
 from ...sparse.kernel_delta import kernel_sparse_matmul, sparse_kernel_weight
+from ..layer_base import SparseLayerBase
 from .config import SnellConfig
 
 
-class SnellLinear(nn.Module, BaseTunerLayer):
+class SnellLinear(SparseLayerBase):
     """SNELL on one linear layer (Shen et al., NeurIPS 2024).
 
     Forward: ``y = x Wᵀ + b + drop(x) ΔW_sᵀ`` with
@@ -38,30 +37,16 @@ class SnellLinear(nn.Module, BaseTunerLayer):
     prefix = "sparse_peft_snell_"
     adapter_layer_names: tuple[str, ...] = ("sparse_peft_snell_A", "sparse_peft_snell_B")
     other_param_names: tuple[str, ...] = ("sparse_peft_snell_dropout",)
+    _adapter_state = ("adapter_configs", "_merge_originals")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SnellConfig, module_name: str = "") -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer, module_name)
         self.sparse_peft_snell_A = nn.ParameterDict({})
         self.sparse_peft_snell_B = nn.ParameterDict({})
         self.sparse_peft_snell_dropout = nn.ModuleDict({})
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
         self._merge_originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.module_name = module_name
-        self.adapter_configs: dict[str, SnellConfig] = {}
-        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.out_features, self.in_features)
-
-    @property
-    def numel(self) -> int:
-        return self.out_features * self.in_features
 
     def n_drop(self, adapter_name: str) -> int:
         """How many entries of ``ΔW`` the competition zeroes: ``round(s·m·n)``."""
@@ -91,10 +76,6 @@ class SnellLinear(nn.Module, BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def _weight_device(self) -> torch.device:
-        weight = getattr(self.get_base_layer(), "weight", None)
-        return weight.device if weight is not None else torch.device("cpu")
-
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The sparsified ``ΔW_s`` at the current factors, ``(out, in)``, in the factors' dtype (no gradient)."""
         config = self.adapter_configs[adapter_name]
@@ -105,15 +86,9 @@ class SnellLinear(nn.Module, BaseTunerLayer):
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        result, final = self._base_forward(x, *args, **kwargs)
+        if final:
             return result
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
         for name in self.active_adapters:
             if name not in self.sparse_peft_snell_A:
                 continue
@@ -127,34 +102,21 @@ class SnellLinear(nn.Module, BaseTunerLayer):
     # ---- merge / unmerge ---------------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """``W ← W + ΔW_s``, writing only the surviving entries and keeping the replaced ones for :meth:`unmerge`."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if self.quantization_backend is not None and adapter_names:
-            warnings.warn(
-                f"merging into the quantized base of {self.module_name or 'a layer'} re-quantizes the weight and is "
-                f"lossy; merge into a dequantized copy of the model instead",
-                UserWarning,
-                stacklevel=2,
-            )
-        for name in adapter_names:
+        for name in self._adapters_to_merge(adapter_names):
             if name not in self.sparse_peft_snell_A:
                 continue
             weight = self.get_base_weight()
             delta = self.get_delta_weight(name).reshape(-1)
             positions = delta.nonzero().flatten()
             merged = add_into(weight, delta[positions], positions)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights of {self.module_name}; adapter {name} is broken")
+            self._check_merged(merged, name, safe_merge)
             self._merge_originals[name] = (positions, gather(weight, positions).clone())
             self.set_base_weight(merged)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Undo :meth:`merge` exactly, last merged adapter first."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
+        for name in self._unmerge_order():
             if name not in self._merge_originals:
                 continue
             positions, originals = self._merge_originals.pop(name)
@@ -162,13 +124,5 @@ class SnellLinear(nn.Module, BaseTunerLayer):
             weight.view(-1)[positions] = originals.to(weight.dtype)
             self.set_base_weight(weight)
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self.adapter_configs.pop(adapter_name, None)
-        self._merge_originals.pop(adapter_name, None)
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return False
-
     def __repr__(self) -> str:
-        return f"snell.{super().__repr__()}"
+        return f"snell.{nn.Module.__repr__(self)}"  # not the base's ``<prefix>.`` tag

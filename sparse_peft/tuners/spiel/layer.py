@@ -53,6 +53,7 @@ class SpielLinear(SparseDeltaLinear):
     """
 
     prefix = "sparse_peft_spiel_"
+    _adapter_state = (*SparseDeltaLinear._adapter_state, "_windows", "_collecting")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._windows: dict[str, Window] = {}
@@ -245,8 +246,3 @@ class SpielLinear(SparseDeltaLinear):
                 sum_g2=torch.tensor(payload["sum_g2"], dtype=torch.float32, device=device),
                 steps=int(payload["steps"]),
             )
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self._windows.pop(adapter_name, None)
-        self._collecting.discard(adapter_name)

@@ -1,0 +1,138 @@
+"""What every sparse_peft PEFT layer shares: the bookkeeping around a base ``nn.Linear``, and the PEFT conventions
+for forward, merge and unmerge.
+
+Each method's layer (:class:`~sparse_peft.tuners.sparse_delta.SparseDeltaLinear` and its subclasses, SNELL, SMT,
+S²FT, and :class:`~sparse_peft.tuners.lors.layer.WeightRecomputeLayer` for LoRS and SPP) subclasses
+:class:`SparseLayerBase` and keeps only its own formula: its storage, its forward term, and what its merge writes
+into the weight and keeps for unmerge.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
+from torch import nn
+
+
+class SparseLayerBase(nn.Module, BaseTunerLayer):
+    """Base of the sparse_peft layers wrapping one linear ``base_layer``.
+
+    Subclasses create their per-adapter containers after ``super().__init__(base_layer, module_name)``, then set
+    ``self._active_adapter`` and call ``self.update_layer`` for the first adapter. They list in ``_adapter_state``
+    the attributes holding per-adapter side state (dicts keyed by adapter name, or sets of names) that
+    :meth:`delete_adapter` must clear besides PEFT's ``adapter_layer_names`` / ``other_param_names``.
+    """
+
+    prefix: str = "sparse_peft_"
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+    _adapter_state: tuple[str, ...] = ("adapter_configs",)
+
+    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.module_name = module_name
+        self.adapter_configs: dict[str, Any] = {}
+        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out, in)``, the shape of the base weight."""
+        return (self.out_features, self.in_features)
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+    def _weight_device(self) -> torch.device:
+        """Where new adapter tensors go: the base weight's device (CPU when the base layer has no ``weight``)."""
+        weight = getattr(self.get_base_layer(), "weight", None)
+        return weight.device if weight is not None else torch.device("cpu")
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+    def _adapters_off(self) -> bool:
+        """True when adapters are disabled; merged adapters are unmerged first (PEFT's convention)."""
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        return self.disable_adapters
+
+    def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, bool]:
+        """The base layer's output and whether it is final (adapters disabled, or merged into the weight).
+
+        When it is not final, the output is safe to add adapter terms to (quantized backends may hand back a tensor
+        that must be cloned first).
+        """
+        off = self._adapters_off()
+        result = self.base_layer(x, *args, **kwargs)
+        if off or self.merged:
+            return result, True
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        return result, False
+
+    # ---- merge / unmerge ---------------------------------------------------------------------------------------
+    def _adapters_to_merge(
+        self, adapter_names: Optional[list[str]], keep: Optional[Callable[[str], bool]] = None
+    ) -> list[str]:
+        """PEFT's ``check_adapters_to_merge`` (restricted to the names ``keep`` accepts, if given), warning once when
+        merging into a quantized base, which re-quantizes the weight."""
+        names = check_adapters_to_merge(self, adapter_names)
+        if keep is not None:
+            names = [name for name in names if keep(name)]
+        if self.quantization_backend is not None and names:
+            self._warn_lossy_merge(stacklevel=4)
+        return names
+
+    def _warn_lossy_merge(self, stacklevel: int = 3) -> None:
+        """Warn that merging into this (quantized) base is lossy; ``stacklevel`` 3 points at ``merge``'s caller."""
+        warnings.warn(
+            f"merging into the quantized base of {self.module_name or type(self.get_base_layer()).__name__} "
+            f"re-quantizes the weight and is lossy; merge into a dequantized copy of the model instead",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+    def _check_merged(self, merged: torch.Tensor, adapter_name: str, safe_merge: bool) -> None:
+        """``safe_merge``: refuse a merged weight with non-finite entries."""
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(
+                f"NaNs detected in the merged weights of {self.module_name}; adapter {adapter_name} is broken"
+            )
+
+    def _nothing_to_unmerge(self, stacklevel: int = 3) -> bool:
+        """True (after PEFT's warning) when no adapter is merged; ``stacklevel`` 3 points at ``unmerge``'s caller."""
+        if self.merged:
+            return False
+        warnings.warn("Already unmerged. Nothing to do.", stacklevel=stacklevel)
+        return True
+
+    def _unmerge_order(self) -> Iterator[str]:
+        """The merged adapters, last merged first, each removed from ``merged_adapters`` as it is yielded."""
+        if self._nothing_to_unmerge(stacklevel=4):
+            return
+        while self.merged_adapters:
+            yield self.merged_adapters.pop()
+
+    # ---- adapter lifecycle -------------------------------------------------------------------------------------
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for attr in self._adapter_state:
+            store = getattr(self, attr)
+            if isinstance(store, set):
+                store.discard(adapter_name)
+            else:
+                store.pop(adapter_name, None)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"{self.prefix.rstrip('_')}.{super().__repr__()}"
