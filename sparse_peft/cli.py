@@ -317,6 +317,8 @@ def train(args: argparse.Namespace) -> int:
     print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.3%})", flush=True)
     trainer.train()
     peak_rss = _proc_status_bytes("VmHWM")
+    if peak_rss is not None and frozen_rss is not None:  # the kernel's mark can trail the RSS read at reset by a page
+        peak_rss = max(peak_rss, frozen_rss)
     trainable_start, trainable = trainable, sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     memory = {
         "frozen_rss_bytes": frozen_rss,
