@@ -33,7 +33,7 @@ logger = logging.getLogger("sparse_peft")
 #: Settings of each method for the main job (a 135M model, a few hundred steps); anything can be overridden by --set.
 MAIN_JOB_DEFAULTS: dict[str, dict[str, Any]] = {
     "snell": {"r": 16, "sparsity": 0.9},
-    "diff_pruning": {"target_density": 0.005, "projection_step": 50},
+    "diff_pruning": {"target_density": 0.03, "projection_step": 50},
     "smt": {"block_size": 64, "num_blocks": 330, "warmup_steps": 20},
     "s2ft": {"target_modules": ["up_proj", "down_proj"], "up_ratio": 0.02, "down_ratio": 0.02},
     "lift": {"rank": 16, "filter_rank": 32, "update_interval": 40},
@@ -44,7 +44,7 @@ MAIN_JOB_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 MAIN_JOB_LR: dict[str, float] = {
     "snell": 2e-3,
-    "diff_pruning": 2e-4,
+    "diff_pruning": 5e-4,
     "smt": 5e-4,
     "s2ft": 1e-3,
     "lift": 1e-3,
