@@ -1,6 +1,6 @@
 """Promises every method keeps, checked the same way for all of them (tiny models, a few steps each):
 training changes the adapter, save/reload reproduces outputs, merged equals unmerged, disabling gives the base,
-a bitsandbytes 4-bit base trains, and an SFTTrainer run resumed from a checkpoint equals the uninterrupted one."""
+bitsandbytes 4-bit and 8-bit bases train, and an SFTTrainer run resumed from a checkpoint equals the uninterrupted one."""
 
 from __future__ import annotations
 
@@ -79,22 +79,23 @@ def test_merge_equals_unmerged_and_unmerge_restores(trained):
     assert torch.allclose(restored, base, atol=1e-5), method
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("method", METHODS)
-def test_4bit_base_trains(base_dir, tmp_path, method):
+def test_quantized_base_trains(base_dir, tmp_path, method, bits):
     if method not in QUANTIZED_4BIT:
         pytest.fail(f"{method} has no 4-bit entry in method_configs.QUANTIZED_4BIT")
     if method in PRUNED_BASE:  # prune first, then quantize (NF4 keeps exact zeros)
         pruned_dir = tmp_path / "pruned"
         prepare_base(method, tiny_llama()).save_pretrained(pruned_dir)
         base_dir = pruned_dir
-    model = get_peft_model(quantized_base(base_dir, 4), tiny_config(method, **QUANTIZED_4BIT[method]))
+    model = get_peft_model(quantized_base(base_dir, bits), tiny_config(method, **QUANTIZED_4BIT[method]))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     losses = train_steps(model, steps=4)
     assert all(loss == loss for loss in losses), losses
     now = dict(model.named_parameters())
     changed = [n for n in before if n in now and not torch.equal(before[n], now[n])]
     replaced = [n for n, p in now.items() if p.requires_grad and n not in before]  # diff pruning's projection
-    assert changed or replaced, f"{method}: nothing trained on the 4-bit base"
+    assert changed or replaced, f"{method}: nothing trained on the {bits}-bit base"
     with torch.no_grad(), model.disable_adapter():
         base = model(INPUT).logits
     assert not torch.allclose(model(INPUT).logits, base), f"{method}: the trained adapter does not act"
