@@ -1,6 +1,7 @@
 """Promises every method keeps, checked the same way for all of them (tiny models, a few steps each):
 training changes the adapter, save/reload reproduces outputs, merged equals unmerged, disabling gives the base,
-bitsandbytes 4-bit and 8-bit bases train, and an SFTTrainer run resumed from a checkpoint equals the uninterrupted one."""
+bitsandbytes 4-bit and 8-bit bases train, and an SFTTrainer run resumed from a checkpoint equals the uninterrupted
+one."""
 
 from __future__ import annotations
 
