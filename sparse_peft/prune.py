@@ -280,9 +280,7 @@ def magnitude_prune(
     scope: Literal["row", "layer"] = "row",
 ) -> SparsityReport:
     """Zero the smallest ``|W|`` of every target layer in place (``n_m=(2, 4)`` for 2:4); returns what was achieved."""
-    n, m = n_m if n_m is not None else (None, None)
-    spec = PruneSpec("magnitude", None if n_m else sparsity, n, m, scope)
-    return prune_model(model, spec, target_modules=target_modules)
+    return prune_model(model, _spec("magnitude", sparsity, n_m, scope), target_modules=target_modules)
 
 
 def wanda_prune(
@@ -294,9 +292,13 @@ def wanda_prune(
     scope: Literal["row", "layer"] = "row",
 ) -> SparsityReport:
     """Wanda: zero the smallest ``|W|·‖x‖`` of every target layer in place, calibrated on ``batches``."""
+    return prune_model(model, _spec("wanda", sparsity, n_m, scope), batches, target_modules=target_modules)
+
+
+def _spec(method: str, sparsity: float, n_m: Optional[tuple[int, int]], scope: Literal["row", "layer"]) -> PruneSpec:
+    """``n_m`` wins over ``sparsity`` (an N:M pattern fixes the sparsity)."""
     n, m = n_m if n_m is not None else (None, None)
-    spec = PruneSpec("wanda", None if n_m else sparsity, n, m, scope)
-    return prune_model(model, spec, batches, target_modules=target_modules)
+    return PruneSpec(method, None if n_m else sparsity, n, m, scope)
 
 
 def prune_model(

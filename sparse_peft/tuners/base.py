@@ -142,10 +142,14 @@ class SparseTuner(BaseTuner):
             target.update_layer(adapter_name, config)
             return
         check_linear(target, current_key, self.method_name)
-        new_module = self.tuner_layer_cls(target, adapter_name, config, module_name=current_key)
+        new_module = self.tuner_layer_cls(target, adapter_name, config, module_name=current_key, **self._layer_kwargs())
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _layer_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for new layers that depend on the whole model (e.g. S²FT's attention shape)."""
+        return {}
 
     def _check_new_adapter_config(self, config: PeftConfig) -> None:
         super()._check_new_adapter_config(config)

@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..base import SparseConfig, SparseTuner, check_linear
+from ..base import SparseTuner
 from .layer import AttentionShape, S2FTLinear
 
 
@@ -33,26 +33,8 @@ class S2FTModel(SparseTuner):
             raise ValueError(f"S2FT: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
         return AttentionShape(heads, kv, head_dim)
 
-    def _create_and_replace(
-        self,
-        config: SparseConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **optional_kwargs: Any,
-    ) -> None:
-        if isinstance(target, S2FTLinear):
-            target.update_layer(adapter_name, config)
-            return
-        check_linear(target, current_key, self.method_name)
-        new_module = S2FTLinear(
-            target, adapter_name, config, module_name=current_key, attention=self._attention_shape()
-        )
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+    def _layer_kwargs(self) -> dict[str, Any]:
+        return {"attention": self._attention_shape()}
 
 
 @torch.no_grad()
