@@ -1,7 +1,22 @@
-"""Engine microbenchmark: forward+backward of one adapted linear layer, sparse delta vs LoRA vs frozen dense.
+"""Engine microbenchmark: forward+backward of one adapted linear layer against a frozen dense layer and LoRA.
 
-Run by hand: ``python benchmarks/engine.py [--tokens 512] [--out 1536 --in 576]``. Timings are medians of repeated
-runs on this machine; compare ratios measured in the same run, not absolute times across machines.
+Run by hand::
+
+    python benchmarks/engine.py                      # 1536x576 (SmolLM2's MLP shape), 1024 tokens
+    python benchmarks/engine.py --write results/engine.md
+
+For each density d in 0.5%, 1% and 5% of the matrix it times ``y = x Wᵀ + Δ(x)`` followed by a backward of
+``mean(y²)`` for
+
+* the **sparse delta** (LIFT's layer: ``k = d·m·n`` values at fixed indices; CSR forward, SDDMM gradient),
+* **SMT blocks** (64x64 sub-matrices, ``round(d·m·n / 64²)`` of them at seeded random grid positions),
+* **S²FT rows** (``round(d·m)`` output channels of an ``up_proj``) and **S²FT columns** (``round(d·n)`` input
+  channels of a ``down_proj``),
+* **PEFT LoRA** with the same budget, ``r = round(k / (m + n))``,
+
+and reports the median time, the ratio to the frozen dense layer and to the LoRA of that density, and the bytes
+autograd saves for backward (measured with ``saved_tensors_hooks``). Compare ratios from one run, not absolute times
+across machines.
 """
 
 from __future__ import annotations
@@ -9,15 +24,21 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import sparse_peft
+from sparse_peft.tuners.smt.layer import SmtLinear
+
+BLOCK = 64
 
 
-def bench(fn, repeat: int = 20) -> float:
+def bench(fn: Callable[[], None], repeat: int) -> float:
+    """Median wall time of ``fn`` over ``repeat`` runs after three warm-up runs."""
     for _ in range(3):
         fn()
     times = []
@@ -29,6 +50,7 @@ def bench(fn, repeat: int = 20) -> float:
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of every tensor autograd saves for the backward of one forward (shared storage counted per save)."""
     sizes: list[int] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -41,12 +63,16 @@ def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
 
 class One(nn.Module):
-    def __init__(self, out_f: int, in_f: int) -> None:
+    """A single bias-free linear layer named ``name`` (the name decides S²FT's role)."""
+
+    def __init__(self, out_f: int, in_f: int, name: str = "proj") -> None:
         super().__init__()
-        self.proj = nn.Linear(in_f, out_f, bias=False)
+        self.name = name
+        torch.manual_seed(0)
+        setattr(self, name, nn.Linear(in_f, out_f, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+        return getattr(self, self.name)(x)
 
 
 def step(model: nn.Module, x: torch.Tensor) -> None:
@@ -55,36 +81,113 @@ def step(model: nn.Module, x: torch.Tensor) -> None:
         p.grad = None
 
 
+def smt_model(out_f: int, in_f: int, density: float) -> nn.Module:
+    """SMT on one matrix with ``round(d·m·n/b²)`` blocks at seeded random positions (warm-up skipped)."""
+    grid = (-(-out_f // BLOCK), -(-in_f // BLOCK))
+    n_blocks = max(1, round(density * out_f * in_f / BLOCK**2))
+    config = sparse_peft.SmtConfig(
+        target_modules=["proj"], block_size=BLOCK, num_blocks=n_blocks, selection="per_matrix", warmup_steps=1
+    )
+    model = get_peft_model(One(out_f, in_f), config)
+    chosen = torch.randperm(grid[0] * grid[1], generator=torch.Generator().manual_seed(0))[:n_blocks]
+    coords = torch.stack([chosen // grid[1], chosen % grid[1]], dim=1)
+    for layer in model.modules():
+        if isinstance(layer, SmtLinear):
+            layer.assign("default", coords)
+    return model
+
+
+def s2ft_model(out_f: int, in_f: int, density: float, role: str) -> nn.Module:
+    """S²FT on one ``up_proj`` (output rows) or ``down_proj`` (input columns) with ratio ``d``."""
+    config = sparse_peft.S2FTConfig(target_modules=[f"{role}_proj"], **{f"{role}_ratio": density})
+    return get_peft_model(One(out_f, in_f, name=f"{role}_proj"), config)
+
+
+def cases(out_f: int, in_f: int, density: float) -> list[tuple[str, nn.Module]]:
+    """The layers compared at one density, LoRA last (it is the reference of the row group)."""
+    k = round(density * out_f * in_f)
+    rank = max(1, round(k / (out_f + in_f)))
+    lift = sparse_peft.LiftConfig(density=density, filter_rank=8, target_modules=["proj"])
+    lora = LoraConfig(r=rank, target_modules=["proj"], init_lora_weights=False)
+    return [
+        ("sparse delta (LIFT)", get_peft_model(One(out_f, in_f), lift)),
+        ("SMT blocks 64x64", smt_model(out_f, in_f, density)),
+        ("S²FT rows (up_proj)", s2ft_model(out_f, in_f, density, "up")),
+        ("S²FT columns (down_proj)", s2ft_model(in_f, out_f, density, "down")),
+        (f"LoRA r={rank}", get_peft_model(One(out_f, in_f), lora)),
+    ]
+
+
+def measure(model: nn.Module, x: torch.Tensor, repeat: int) -> dict[str, float]:
+    """Time, saved bytes and trainable count of one layer; ``x`` is transposed for a transposed layer."""
+    return {
+        "seconds": bench(lambda: step(model, x), repeat),
+        "saved": saved_bytes(model, x),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+def run(out_f: int, in_f: int, tokens: int, repeat: int) -> list[dict[str, object]]:
+    """All rows of the table: frozen dense first, then per density the layers with their ratios."""
+    x = torch.randn(tokens, in_f, requires_grad=True)
+    x_t = torch.randn(tokens, out_f, requires_grad=True)
+    frozen = One(out_f, in_f).requires_grad_(False)
+    frozen_t = One(in_f, out_f).requires_grad_(False)
+    base = measure(frozen, x, repeat)
+    base_t = measure(frozen_t, x_t, repeat)
+    rows: list[dict[str, object]] = [{"density": None, "layer": "frozen dense", **base}]
+    for density in (0.005, 0.01, 0.05):
+        group = []
+        for name, model in cases(out_f, in_f, density):
+            transposed = name.startswith("S²FT columns")
+            result = measure(model, x_t if transposed else x, repeat)
+            result["vs_frozen"] = result["seconds"] / (base_t if transposed else base)["seconds"]
+            group.append({"density": density, "layer": name, **result})
+        lora = group[-1]
+        for row in group:
+            row["vs_lora"] = row["seconds"] / lora["seconds"]
+            row["saved_vs_lora"] = row["saved"] / lora["saved"]
+        rows += group
+    return rows
+
+
+def markdown(rows: list[dict[str, object]], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| density | layer | trainable | ms fwd+bwd | x frozen | x LoRA | saved for backward MiB | saved x LoRA |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        density = "-" if r["density"] is None else f"{r['density']:.1%}"
+        ratio = {key: "-" if key not in r else f"{r[key]:.2f}x" for key in ("vs_frozen", "vs_lora", "saved_vs_lora")}
+        lines.append(
+            f"| {density} | {r['layer']} | {r['trainable']:,} | {r['seconds'] * 1e3:.2f} | {ratio['vs_frozen']} "
+            f"| {ratio['vs_lora']} | {r['saved'] / 2**20:.2f} | {ratio['saved_vs_lora']} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=1024, help="rows of x (batch 8 x 128 tokens)")
     parser.add_argument("--out", type=int, default=1536)
     parser.add_argument("--in", dest="in_f", type=int, default=576)
+    parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--write", default=None, help="also write the Markdown table to this file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    x = torch.randn(args.tokens, args.in_f, requires_grad=True)
-    dense = One(args.out, args.in_f)
-    dense.proj.weight.requires_grad_(False)
-    base_time = bench(lambda: step(dense, x))
-    print(f"shape {args.out}x{args.in_f}, tokens {args.tokens}, threads {torch.get_num_threads()}")
-    print(f"{'layer':<28}{'trainable':>10}{'ms fwd+bwd':>12}{'x frozen':>10}{'saved MB':>10}")
-    print(f"{'frozen dense':<28}{0:>10}{base_time * 1e3:>12.2f}{1.0:>10.2f}{saved_bytes(dense, x) / 2**20:>10.2f}")
-    numel = args.out * args.in_f
-    for density in (0.005, 0.01, 0.05):
-        k = round(density * numel)
-        rank = max(1, round(k / (args.out + args.in_f)))
-        sparse = get_peft_model(
-            One(args.out, args.in_f), sparse_peft.LiftConfig(density=density, filter_rank=8, target_modules=["proj"])
-        )
-        lora = get_peft_model(
-            One(args.out, args.in_f), LoraConfig(r=rank, target_modules=["proj"], init_lora_weights=False)
-        )
-        for name, model in ((f"sparse delta d={density}", sparse), (f"LoRA r={rank}", lora)):
-            t = bench(lambda m=model: step(m, x))
-            n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            print(f"{name:<28}{n:>10}{t * 1e3:>12.2f}{t / base_time:>10.2f}{saved_bytes(model, x) / 2**20:>10.2f}")
+    rows = run(args.out, args.in_f, args.tokens, args.repeat)
+    header = (
+        f"Shape {args.out}x{args.in_f} (S²FT columns: {args.in_f}x{args.out}), {args.tokens} tokens, float32, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeat}."
+    )
+    text = markdown(rows, header)
+    print(text)
+    if args.write:
+        Path(args.write).write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ BASELINES = ("lora", "full")
 PRUNED = {"spp": "2:4", "lors": "2:4"}
 ENTRY_SPARSE = ("lift", "spiel", "rosa", "diff_pruning")
 STRUCTURED = ("smt", "s2ft")
+QUALITY_CLAIM = ("lift", "rosa", "spiel")
 
 
 def all_methods() -> list[str]:
@@ -113,6 +114,58 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def expected_adapter_bytes(row: dict[str, Any]) -> int | None:
+    """What an entry-sparse adapter file should hold: ``k·(value bytes + index bytes)``, plus RoSA's LoRA factors
+    (float32, ``trainable − k`` of them); None for methods that store no sparse delta."""
+    payload = row.get("k_times_value_plus_index_bytes") or 0
+    if not payload:
+        return None
+    if row.get("method") == "rosa":
+        payload += 4 * max(0, row["trainable_parameters"] - row["stored_entries"])
+    return payload
+
+
+def _verdict(ok: bool | None, text: str) -> str:
+    mark = "n/a" if ok is None else ("met" if ok else "**missed**")
+    return f"{mark}: {text}"
+
+
+def _ratio_target(row: dict[str, Any], key: str, limit: float, label: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return _verdict(None, f"{label} not measured")
+    return _verdict(value <= limit, f"{label} {value:.2f}x (target ≤ {limit:g}x)")
+
+
+def targets(rows: dict[str, dict[str, Any]]) -> str:
+    """Where each method stands against the issue's targets (ratios to LoRA from the same run)."""
+    lines = ["| method | target | where it stands |", "|---|---|---|"]
+    full = rows.get("full") or {}
+    lora_quality = ((rows.get("lora") or {}).get("after") or {}).get("exact_match")
+    for method, row in rows.items():
+        checks: list[tuple[str, str]] = []
+        if method in ENTRY_SPARSE:
+            checks.append(("step ≤ 1.25x LoRA", _ratio_target(row, "median_step_seconds_vs_lora", 1.25, "step")))
+            memory = _ratio_target(row, "memory_above_frozen_bytes_vs_lora", 1.5, "memory")
+            checks.append(("memory ≤ 1.5x LoRA", memory))
+            above, full_above = row.get("memory_above_frozen_bytes"), full.get("memory_above_frozen_bytes")
+            if above and full_above:
+                share = above / full_above
+                checks.append(("memory ≤ 1/3 full FT", _verdict(share <= 1 / 3, f"{share:.2f} of full FT")))
+            expected = expected_adapter_bytes(row)
+            if expected and row.get("adapter_bytes"):
+                excess = row["adapter_bytes"] / expected - 1
+                checks.append(("adapter ≤ k·(v+i) + 5%", _verdict(abs(excess) <= 0.05, f"{excess:+.1%}")))
+        if method in STRUCTURED:
+            checks.append(("step ≤ LoRA", _ratio_target(row, "median_step_seconds_vs_lora", 1.0, "step")))
+        if method in QUALITY_CLAIM:
+            after = (row.get("after") or {}).get("exact_match")
+            ok = None if after is None or lora_quality is None else after >= lora_quality
+            checks.append(("quality ≥ LoRA", _verdict(ok, f"{_fmt(after, 'pct')} vs LoRA {_fmt(lora_quality, 'pct')}")))
+        lines += [f"| {method} | {name} | {verdict} |" for name, verdict in checks]
+    return "\n".join(lines)
+
+
 def plots(rows: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib
 
@@ -180,17 +233,21 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     methods = args.methods.split(",") if args.methods else all_methods()
+    started = {**machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    start = time.perf_counter()
     rows: dict[str, dict[str, Any]] = {}
     for method in methods:
         summary = run_method(method, args, out)
         if summary is not None:
             rows[method] = summary
     ratios(rows)
-    report = {"settings": vars(args), "machine": machine(), "results": rows}
+    started["wall_seconds"] = round(time.perf_counter() - start, 1)
+    report = {"settings": vars(args), "machine": started, "results": rows}
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "table.md").write_text(table(rows) + "\n")
+    (out / "table.md").write_text(table(rows) + "\n\n" + targets(rows) + "\n")
     written = plots(rows, out)
     print(table(rows))
+    print(targets(rows))
     print("plots:", ", ".join(str(p) for p in written))
     missing = sorted(set(methods) - set(rows))
     if missing:
