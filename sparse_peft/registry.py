@@ -176,7 +176,7 @@ MODEL_CARD_NOTE = (
     "Loading it needs `pip install sparse_peft` and `import sparse_peft` before `PeftModel.from_pretrained` "
     "(the import registers the method with PEFT):\n\n"
     "```python\nimport sparse_peft\nfrom peft import PeftModel\n\n"
-    "model = PeftModel.from_pretrained(base_model, \"path/to/this/adapter\")\n```\n"
+    'model = PeftModel.from_pretrained(base_model, "path/to/this/adapter")\n```\n'
 )
 
 

@@ -128,9 +128,7 @@ def wrong_answer(answer: str, rng: random.Random) -> str:
     return str(value + rng.choice(offsets))
 
 
-def preference_task(
-    n_train: int = 2000, n_eval: int = 100, seed: int = 0
-) -> tuple[datasets.Dataset, datasets.Dataset]:
+def preference_task(n_train: int = 2000, n_eval: int = 100, seed: int = 0) -> tuple[datasets.Dataset, datasets.Dataset]:
     """The built-in task as preference pairs for DPO: ``chosen`` = the correct answer, ``rejected`` = a wrong one.
 
     Same problems and split as :func:`arithmetic_task` (so the eval split can be scored by exact match). Rows use
