@@ -54,6 +54,9 @@ MAIN_JOB_LR: dict[str, float] = {
     "lors": 5e-4,
 }
 
+#: RoSA's sparse values train at their own, lower rate (the paper: LoRA 7e-4 / S 2e-4, or 1e-3 / 1e-4).
+MAIN_JOB_SPARSE_LR: dict[str, float] = {}
+
 
 def parse_set(pairs: list[str]) -> dict[str, Any]:
     """``["rank=8", "svd=exact"]`` -> ``{"rank": 8, "svd": "exact"}``; values are parsed as JSON when possible."""
@@ -297,6 +300,25 @@ def quantized_copy(model: torch.nn.Module, bits: str) -> torch.nn.Module:
     return quantized
 
 
+def two_rate_optimizer(trainer: Any, args: argparse.Namespace) -> float | None:
+    """RoSA with ``--sparse-lr``: give ``trainer`` the optimizer it would build itself (same class and settings),
+    over :func:`~sparse_peft.rosa_param_groups`: the LoRA factors at the trainer's learning rate, the sparse values at
+    the sparse one. The trainer's schedule scales both groups alike. Returns the sparse learning rate (None: one)."""
+    sparse_lr = args.sparse_lr if args.sparse_lr is not None else MAIN_JOB_SPARSE_LR.get(args.method)
+    if sparse_lr is None:
+        return None
+    from transformers import Trainer
+
+    from .tuners.rosa import rosa_param_groups
+
+    trainer_args = trainer.args
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(trainer_args, trainer.model)
+    kwargs = {key: value for key, value in kwargs.items() if key not in ("lr", "weight_decay")}
+    groups = rosa_param_groups(trainer.model, trainer_args.learning_rate, sparse_lr, trainer_args.weight_decay)
+    trainer.optimizer = optimizer_cls(groups, **kwargs)
+    return sparse_lr
+
+
 def train(args: argparse.Namespace) -> int:
     from trl import SFTConfig, SFTTrainer
 
@@ -305,6 +327,8 @@ def train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sparse_lr is not None and args.method != "rosa":
+        raise SystemExit(f"--sparse-lr applies to --method rosa only, not {args.method}; use --lr")
     config = build_config(args.method, parse_set(args.set))
     out = output_dir(args.output, args.method)
     print(f"sparse-peft train: method={args.method} model={args.model or 'SmolLM2-135M-Instruct (default)'} -> {out}")
@@ -363,6 +387,7 @@ def train(args: argparse.Namespace) -> int:
         callbacks=[SparsePeftCallback(), timer],
     )
     peft_model = trainer.model
+    sparse_lr = two_rate_optimizer(trainer, args)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.3%})", flush=True)
@@ -404,6 +429,7 @@ def train(args: argparse.Namespace) -> int:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "learning_rate": lr,
+        "sparse_learning_rate": sparse_lr,
         "before": _metrics(before),
         "after": _metrics(after),
         "trainable_parameters": trainable,
@@ -501,6 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=100, help="optimizer steps")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's main-job default)")
+    t.add_argument(
+        "--sparse-lr",
+        type=float,
+        default=None,
+        help="RoSA only: learning rate of the sparse values S, while the LoRA factors use --lr (the paper trains S "
+        "slower); default: the method's main-job default, else --lr",
+    )
     t.add_argument("--max-length", type=int, default=128)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -125,3 +125,28 @@ def test_train_on_a_4bit_base(tiny_model_dir, tmp_path, method):
     assert summary["quantize"] == "4bit" and summary["reload_max_abs_adapter_diff"] == 0.0
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_model_dir)
+
+
+def test_rosa_sparse_learning_rate(tiny_model_dir, tmp_path):
+    """``--sparse-lr`` trains RoSA's sparse values at their own rate: at 0 they stay zero while the LoRA factors move."""
+    from safetensors.torch import load_file
+
+    train = _jsonl(tmp_path / "train.jsonl", _rows(8))
+    evaluation = _jsonl(tmp_path / "eval.jsonl", _rows(2))
+    out = tmp_path / "run"
+    args = ["train", "--method", "rosa", "--model", str(tiny_model_dir), "--data", str(train), "--sparse-lr", "0"]
+    args += ["--eval-data", str(evaluation), "--steps", "3", "--batch-size", "4", "--max-length", "32"]
+    args += ["--set", "r=2", "--set", "density=0.05", "--set", "schedule=default", "--set", "grad_collection_steps=1"]
+    assert main([*args, "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sparse_learning_rate"] == 0.0 and summary["learning_rate"] > 0
+    tensors = load_file(out / "adapter_model.safetensors")
+    values = [t for k, t in tensors.items() if k.endswith("values")]
+    lora_b = [t for k, t in tensors.items() if "lora_B" in k]
+    assert values and all(not v.any() for v in values)
+    assert lora_b and any(b.any() for b in lora_b)
+
+
+def test_sparse_lr_is_for_rosa_only(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="rosa only"):
+        main(["train", "--model", str(tiny_model_dir), "--sparse-lr", "1e-4", "--steps", "1", "--n-eval", "0"])
