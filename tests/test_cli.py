@@ -128,7 +128,7 @@ def test_train_on_a_4bit_base(tiny_model_dir, tmp_path, method):
 
 
 def test_rosa_sparse_learning_rate(tiny_model_dir, tmp_path):
-    """``--sparse-lr`` trains RoSA's sparse values at their own rate: at 0 they stay zero while the LoRA factors move."""
+    """``--sparse-lr`` trains RoSA's sparse values at their own rate: at 0 they stay zero, the LoRA factors move."""
     from safetensors.torch import load_file
 
     train = _jsonl(tmp_path / "train.jsonl", _rows(8))
