@@ -133,6 +133,7 @@ def run(out_f: int, in_f: int, tokens: int, repeat: int) -> list[dict[str, objec
     x_t = torch.randn(tokens, out_f, requires_grad=True)
     frozen = One(out_f, in_f).requires_grad_(False)
     frozen_t = One(in_f, out_f).requires_grad_(False)
+    bench(lambda: step(frozen, x), repeat)  # the first timings of a process run slow: warm up before the baseline
     base = measure(frozen, x, repeat)
     base_t = measure(frozen_t, x_t, repeat)
     rows: list[dict[str, object]] = [{"density": None, "layer": "frozen dense", **base}]
