@@ -3,7 +3,7 @@
 Run by hand (never in CI)::
 
     python benchmarks/run.py            # full run: 100 steps per method, 100 eval problems
-    python benchmarks/run.py --quick    # smoke run, under 10 minutes: 5 steps, 10 eval problems
+    python benchmarks/run.py --quick    # smoke run, under 10 minutes: 3 steps, 10 eval problems
 
 Each method trains in its own process through ``sparse-peft train`` (same model, task, steps, batch, sequence length,
 seed and thread count for all), which writes ``summary.json`` with quality (exact match before/after), median step
@@ -218,7 +218,7 @@ def machine() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 5 steps, 10 eval problems, no reload check")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 10 eval problems, no reload check")
     parser.add_argument("--methods", default=None, help="comma-separated subset (default: LoRA, full FT and all)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--n-eval", type=int, default=None)
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for results, logs and runs")
     parser.add_argument("--reuse", action="store_true", help="keep summaries already in OUT/runs (resume a run)")
     args = parser.parse_args(argv)
-    args.steps = args.steps or (5 if args.quick else 100)
+    args.steps = args.steps or (3 if args.quick else 100)
     args.n_eval = args.n_eval if args.n_eval is not None else (10 if args.quick else 100)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,15 @@ from .tuners.lors.config import LorsConfig
 from .tuners.lors.init import lors_gradient_init
 from .tuners.lors.layer import LorsLinear
 from .tuners.lors.model import LorsModel
-from .tuners.rosa import RosaConfig, RosaLinear, RosaModel, load_rosa_masks, rosa_param_groups, save_rosa_masks
+from .tuners.rosa import (
+    RosaConfig,
+    RosaLinear,
+    RosaModel,
+    load_rosa_masks,
+    rosa_param_groups,
+    save_rosa_masks,
+    use_rosa_learning_rates,
+)
 from .tuners.s2ft.config import S2FTConfig
 from .tuners.s2ft.layer import S2FTLinear
 from .tuners.s2ft.model import S2FTModel, calibrate_s2ft
@@ -110,5 +118,6 @@ __all__ = [
     "refresh_masks",
     "rosa_param_groups",
     "save_rosa_masks",
+    "use_rosa_learning_rates",
     "wanda_prune",
 ]

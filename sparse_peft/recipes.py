@@ -43,6 +43,10 @@ class SparseScriptArguments:
     prune: str | None = field(
         default=None, metadata={"help": "prune the base first (SPP/LoRS): wanda:0.5, magnitude:0.5, 2:4, wanda:4:8"}
     )
+    sparse_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "RoSA only: learning rate of the sparse values (the LoRA factors use --learning_rate)"},
+    )
     wrap_first: bool = field(
         default=False,
         metadata={"help": "DPO: wrap the model with get_peft_model before the trainer (TRL then adds a 'ref' adapter)"},
@@ -122,6 +126,8 @@ def run(kind: str, argv: list[str]) -> int:
     from .models import load_model_and_tokenizer
 
     script, training = parse(kind, argv)
+    if script.sparse_learning_rate is not None and script.method != "rosa":
+        raise SystemExit(f"--sparse_learning_rate applies to method rosa only, not {script.method}")
     peft_config = method_config(script)
     _check_output_dir(training)
     model, tokenizer = load_model_and_tokenizer(script.model_name_or_path)
@@ -146,6 +152,10 @@ def run(kind: str, argv: list[str]) -> int:
         peft_config=peft_config,
         callbacks=[SparsePeftCallback()],
     )
+    if script.sparse_learning_rate is not None:
+        from .tuners.rosa import use_rosa_learning_rates
+
+        use_rosa_learning_rates(trainer, script.sparse_learning_rate)
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     after = _evaluate(trainer.model, tokenizer, eval_set, "after")
     adapter_dir = Path(training.output_dir) / "adapter"

@@ -68,3 +68,16 @@ def test_output_dir_with_files_is_refused(tiny_chat_dir, tmp_path):
     (out / "keep.txt").write_text("user data")
     with pytest.raises(SystemExit, match="already holds files"):
         _run("sft", "lift", tiny_chat_dir, out)
+
+
+def test_rosa_recipe_trains_sparse_values_at_their_own_rate(tiny_chat_dir, tmp_path):
+    """The SFT recipe's ``sparse_learning_rate``: at 0 RoSA's values stay zero while its LoRA factors move."""
+    from safetensors.torch import load_file
+
+    fields = '{"r": 2, "density": 0.05, "schedule": "default", "grad_collection_steps": 1}'
+    _run("sft", "rosa", tiny_chat_dir, tmp_path / "sft", "--method_config", fields, "--sparse_learning_rate", "0")
+    tensors = load_file(tmp_path / "sft" / "adapter" / "adapter_model.safetensors")
+    assert all(not t.any() for k, t in tensors.items() if k.endswith("values"))
+    assert any(t.any() for k, t in tensors.items() if "lora_B" in k)
+    with pytest.raises(SystemExit, match="rosa only"):
+        _run("sft", "lift", tiny_chat_dir, tmp_path / "other", "--sparse_learning_rate", "1e-4")

@@ -2,6 +2,14 @@
 
 from .config import RosaConfig
 from .layer import RosaLinear
-from .model import RosaModel, load_rosa_masks, rosa_param_groups, save_rosa_masks
+from .model import RosaModel, load_rosa_masks, rosa_param_groups, save_rosa_masks, use_rosa_learning_rates
 
-__all__ = ["RosaConfig", "RosaLinear", "RosaModel", "load_rosa_masks", "rosa_param_groups", "save_rosa_masks"]
+__all__ = [
+    "RosaConfig",
+    "RosaLinear",
+    "RosaModel",
+    "load_rosa_masks",
+    "rosa_param_groups",
+    "save_rosa_masks",
+    "use_rosa_learning_rates",
+]
