@@ -119,7 +119,7 @@ def cases(out_f: int, in_f: int, density: float) -> list[tuple[str, nn.Module]]:
 
 
 def measure(model: nn.Module, x: torch.Tensor, repeat: int) -> dict[str, float]:
-    """Time, saved bytes and trainable count of one layer; ``x`` is transposed for a transposed layer."""
+    """Time, saved bytes and trainable count of one layer on input ``x``."""
     return {
         "seconds": bench(lambda: step(model, x), repeat),
         "saved": saved_bytes(model, x),

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from . import METHODS, SparsePeftCallback
 from .prune import PruneSpec, calibration_batches, measure_sparsity, merged_sparsity, parse_prune_spec, prune_model
+from .tuners.rosa import use_rosa_learning_rates
 from .tuners.sparse_delta import SparseDeltaLinear
 
 logger = logging.getLogger("sparse_peft")
@@ -302,17 +303,9 @@ def quantized_copy(model: torch.nn.Module, bits: str) -> torch.nn.Module:
     return quantized
 
 
-def two_rate_optimizer(trainer: Any, args: argparse.Namespace) -> float | None:
-    """RoSA with ``--sparse-lr``: give ``trainer`` the optimizer it would build itself (same class and settings),
-    over :func:`~sparse_peft.rosa_param_groups`: the LoRA factors at the trainer's learning rate, the sparse values at
-    the sparse one. The trainer's schedule scales both groups alike. Returns the sparse learning rate (None: one)."""
-    sparse_lr = args.sparse_lr if args.sparse_lr is not None else MAIN_JOB_SPARSE_LR.get(args.method)
-    if sparse_lr is None:
-        return None
-    from .tuners.rosa import use_rosa_learning_rates
-
-    use_rosa_learning_rates(trainer, sparse_lr)
-    return sparse_lr
+def sparse_learning_rate(args: argparse.Namespace) -> float | None:
+    """RoSA's learning rate for its sparse values: ``--sparse-lr``, else the main-job default (None: one rate)."""
+    return args.sparse_lr if args.sparse_lr is not None else MAIN_JOB_SPARSE_LR.get(args.method)
 
 
 def train(args: argparse.Namespace) -> int:
@@ -383,7 +376,9 @@ def train(args: argparse.Namespace) -> int:
         callbacks=[SparsePeftCallback(), timer],
     )
     peft_model = trainer.model
-    sparse_lr = two_rate_optimizer(trainer, args)
+    sparse_lr = sparse_learning_rate(args)
+    if sparse_lr is not None:
+        use_rosa_learning_rates(trainer, sparse_lr)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.3%})", flush=True)
