@@ -16,6 +16,7 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 
 from ._version import __version__
 from .callbacks import ScheduleContext, SparsePeftCallback, before_optimizer_step, begin_step, refresh_masks
+from .compat import delete_adapter
 from .optim import SparseSM3
 from .prune import PruneSpec, magnitude_prune, measure_sparsity, parse_prune_spec, prune_model, wanda_prune
 from .registry import install_io_guards, register_method
@@ -109,6 +110,7 @@ __all__ = [
     "before_optimizer_step",
     "begin_step",
     "calibrate_s2ft",
+    "delete_adapter",
     "load_rosa_masks",
     "lors_gradient_init",
     "magnitude_prune",

@@ -544,6 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("adapter_dir", help="folder written by save_pretrained")
     i.add_argument("--png", default=None, help="heatmap path (default: ADAPTER_DIR/sparsity.png); 'none' to skip")
     i.add_argument("--module", default=None, help="matrix whose mask the heatmap shows (default: the first)")
+    e = sub.add_parser("env", help="versions for a bug report, checked against the tested set (constraints.txt)")
+    e.add_argument(
+        "--freeze", default=None, metavar="PATH", help="write this environment as a tested set to PATH instead"
+    )
     return parser
 
 
@@ -570,6 +574,10 @@ def main(argv: list[str] | None = None) -> int:
         return train(args)
     if args.command == "inspect":
         return inspect_adapter(args)
+    if args.command == "env":
+        from .env import main as env_main
+
+        return env_main(args.freeze)
     return 2
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import os
+import platform
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -67,7 +69,9 @@ def _self_check(member: PeftType, value: str) -> None:
     if failed:
         raise RegistrationError(
             f"sparse_peft could not add {value!r} to peft.utils.PeftType: {', '.join(failed)} failed. The enum "
-            f"internals of this Python/PEFT combination differ from the supported ones (CPython 3.10-3.13, peft 0.21)."
+            f"internals of this combination (Python {platform.python_version()}, "
+            f"peft {importlib.metadata.version('peft')}) differ from the tested ones (CPython 3.10-3.13, peft 0.21; "
+            "see `sparse-peft env`)."
         )
 
 

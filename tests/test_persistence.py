@@ -11,7 +11,8 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from sparse_peft import LiftConfig, LiftLinear, __version__, refresh_masks
+from sparse_peft import LiftConfig, LiftLinear, __version__, delete_adapter, refresh_masks
+from sparse_peft.compat import TRANSFORMERS_ADAPTER_API
 
 
 def _trained_adapter(base_dir, out_dir):
@@ -82,12 +83,60 @@ assert torch.allclose(m(x).logits, expected, atol=1e-5), 'AutoPeftModel'
 b = AutoModelForCausalLM.from_pretrained(r'{base_dir}')
 b.load_adapter(r'{out}', adapter_name='x')
 assert torch.allclose(b(x).logits, expected, atol=1e-5), 'transformers load_adapter'
-b.delete_adapter('x')
+sparse_peft.delete_adapter(b, 'x')
+plain = AutoModelForCausalLM.from_pretrained(r'{base_dir}')
+assert torch.equal(b(x).logits, plain(x).logits), 'sparse_peft.delete_adapter'
+assert not b._hf_peft_config_loaded and not hasattr(b, 'peft_config')
 print('OK')
 """
     result = run_python(code)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK" in result.stdout
+
+
+@pytest.mark.xfail(
+    TRANSFORMERS_ADAPTER_API.applies(), reason=TRANSFORMERS_ADAPTER_API.message(), strict=True, raises=ValueError
+)
+def test_transformers_own_delete_adapter(saved, base_dir):
+    """transformers' ``delete_adapter`` after ``load_adapter`` leaves the plain base (upstream's method, not ours)."""
+    out, _, _ = saved
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    plain = model(INPUT).logits
+    model.load_adapter(str(out), adapter_name="x")
+    assert not torch.allclose(model(INPUT).logits, plain)
+    model.delete_adapter("x")
+    assert torch.equal(model(INPUT).logits, plain)
+    assert all(not m.values for m in model.modules() if isinstance(m, LiftLinear))
+
+
+def test_sparse_peft_delete_adapter_on_a_transformers_model(saved, base_dir):
+    """Our own path removes one adapter of two, then the last one, and names a missing adapter."""
+    out, _, _ = saved
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    plain = model(INPUT).logits
+    model.load_adapter(str(out), adapter_name="x")
+    model.load_adapter(str(out), adapter_name="y")
+    with pytest.raises(ValueError, match="adapter.s. nope not found; loaded: x, y"):
+        delete_adapter(model, "nope")
+    delete_adapter(model, "x")
+    assert list(model.peft_config) == ["y"]
+    layer = next(m for m in model.modules() if isinstance(m, LiftLinear))
+    assert "x" not in layer.values and "y" in layer.values
+    delete_adapter(model, ["y"])
+    assert torch.equal(model(INPUT).logits, plain)
+    assert not model._hf_peft_config_loaded
+    with pytest.raises(ValueError, match="no adapter is loaded"):
+        delete_adapter(model, "y")
+
+
+def test_sparse_peft_delete_adapter_on_a_peft_model(saved, base_dir):
+    out, _, _ = saved
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out)
+    model.load_adapter(out, adapter_name="other")
+    delete_adapter(model, "other")
+    assert list(model.peft_config) == ["default"]
 
 
 def test_loading_without_import_names_the_type(saved, base_dir):
