@@ -8,7 +8,11 @@ Run by hand::
 For each density d in 0.5%, 1% and 5% of the matrix it times ``y = x Wᵀ + Δ(x)`` followed by a backward of
 ``mean(y²)`` for
 
-* the **sparse delta** (LIFT's layer: ``k = d·m·n`` values at fixed indices; CSR forward, SDDMM gradient),
+* the **sparse delta** (LIFT's layer: ``k = d·m·n`` values at fixed indices; one GEMM on the transient
+  ``W + scatter(values)``, rebuilt in backward for ``∂x``, SDDMM gradient), and the same delta on the previous
+  engine's **CSR path** (CSR SpMM forward and ``∂x``, SDDMM gradient),
+* PEFT's own static entry-sparse deltas at the same budget: **ShiRA** (``r`` = LoRA's rank, ``r·(m+n)`` entries)
+  and **Super-Tuning** (``sparsity = 1 - d``),
 * **SMT blocks** (64x64 sub-matrices, ``round(d·m·n / 64²)`` of them at seeded random grid positions),
 * **S²FT rows** (``round(d·m)`` output channels of an ``up_proj``) and **S²FT columns** (``round(d·n)`` input
   channels of a ``down_proj``),
@@ -28,10 +32,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, ShiraConfig, SupertuningConfig, get_peft_model
 from torch import nn
 
 import sparse_peft
+from sparse_peft.sparse.delta import SparsePattern, sparse_delta_matmul
+from sparse_peft.sparse.select import random_score, topk_positions
 from sparse_peft.tuners.smt.layer import SmtLinear
 
 BLOCK = 64
@@ -75,6 +81,21 @@ class One(nn.Module):
         return getattr(self, self.name)(x)
 
 
+class CsrDelta(nn.Module):
+    """The previous engine's entry-sparse layer: ``base(x) + CSR(ΔW) · x`` with ``k`` seeded random entries."""
+
+    def __init__(self, out_f: int, in_f: int, density: float) -> None:
+        super().__init__()
+        self.proj = One(out_f, in_f).requires_grad_(False)
+        k = round(density * out_f * in_f)
+        self.shape = (out_f, in_f)
+        self.pattern = SparsePattern.build(topk_positions(random_score(self.shape, 0), k, seed=0), self.shape)
+        self.values = nn.Parameter(0.01 * torch.randn(k))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) + sparse_delta_matmul(x, self.values, self.pattern, self.shape)
+
+
 def step(model: nn.Module, x: torch.Tensor) -> None:
     model(x).square().mean().backward()
     for p in model.parameters():
@@ -109,8 +130,13 @@ def cases(out_f: int, in_f: int, density: float) -> list[tuple[str, nn.Module]]:
     rank = max(1, round(k / (out_f + in_f)))
     lift = sparse_peft.LiftConfig(density=density, filter_rank=8, target_modules=["proj"])
     lora = LoraConfig(r=rank, target_modules=["proj"], init_lora_weights=False)
+    shira = ShiraConfig(r=rank, target_modules=["proj"], random_seed=0)
+    supertuning = SupertuningConfig(sparsity=1 - density, target_modules=["proj"])
     return [
-        ("sparse delta (LIFT)", get_peft_model(One(out_f, in_f), lift)),
+        ("sparse delta (LIFT), one GEMM", get_peft_model(One(out_f, in_f), lift)),
+        ("sparse delta, CSR path (previous engine)", CsrDelta(out_f, in_f, density)),
+        (f"PEFT ShiRA r={rank}", get_peft_model(One(out_f, in_f), shira)),
+        ("PEFT Super-Tuning", get_peft_model(One(out_f, in_f), supertuning)),
         ("SMT blocks 64x64", smt_model(out_f, in_f, density)),
         ("S²FT rows (up_proj)", s2ft_model(out_f, in_f, density, "up")),
         ("S²FT columns (down_proj)", s2ft_model(in_f, out_f, density, "down")),

@@ -85,12 +85,26 @@ def canonical_method(name: str) -> str:
 
 
 #: Reference points for benchmarks: PEFT's LoRA (r=16 on all linear layers, the budget of LIFT/SpIEL/LoRS/SNELL at
-#: rank 16) and full fine-tuning (no adapter).
+#: rank 16), full fine-tuning (no adapter), and PEFT's own static entry-sparse deltas at LoRA's trainable count:
+#: ShiRA (r=16 gives r·(m+n) random entries per matrix) and Super-Tuning (top-|W| entries; its one global
+#: ``sparsity`` is set from the loaded model so that the total equals LoRA's, see :func:`lora_budget_sparsity`).
 BASELINES: dict[str, dict[str, Any]] = {
     "lora": {"r": 16, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0},
     "full": {},
+    "shira": {"r": 16, "target_modules": "all-linear", "random_seed": 0},
+    "supertuning": {"target_modules": "all-linear"},
 }
-BASELINE_LR: dict[str, float] = {"lora": 1e-3, "full": 5e-5}
+BASELINE_LR: dict[str, float] = {"lora": 1e-3, "full": 5e-5, "shira": 1e-3, "supertuning": 1e-3}
+
+
+def lora_budget_sparsity(model: torch.nn.Module, rank: int = 16) -> float:
+    """``1 - Σ r·(m+n) / Σ m·n`` over the linear layers ``all-linear`` adapts (every ``nn.Linear`` but the output
+    head): the Super-Tuning sparsity whose trainable count equals LoRA r=``rank``'s."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    entries = sum(m.in_features * m.out_features for m in linears)
+    lora = sum(min(rank * (m.in_features + m.out_features), m.in_features * m.out_features) for m in linears)
+    return 1.0 - lora / entries
 
 
 def build_config(method: str, overrides: dict[str, Any]):
@@ -100,10 +114,11 @@ def build_config(method: str, overrides: dict[str, Any]):
         if overrides:
             raise SystemExit("--method full takes no --set fields")
         return None
-    if method == "lora":
-        from peft import LoraConfig
+    if method in ("lora", "shira", "supertuning"):
+        import peft
 
-        return LoraConfig(task_type="CAUSAL_LM", **{**BASELINES["lora"], **overrides})
+        config_cls = {"lora": peft.LoraConfig, "shira": peft.ShiraConfig, "supertuning": peft.SupertuningConfig}
+        return config_cls[method](task_type="CAUSAL_LM", **{**BASELINES[method], **overrides})
     if method not in METHODS:
         raise SystemExit(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
     config_cls = METHODS[method][0]
@@ -228,9 +243,9 @@ def evaluate(model, tokenizer, dataset, label: str) -> dict[str, Any] | None:
 
 def reload_check(
     model, model_path: str | None, adapter_dir: Path, tokenizer, dataset, prepare_base=None
-) -> tuple[float, float]:
-    """``(max |logit difference|, max |adapter tensor difference|)`` between the trained model and base + adapter
-    reloaded from disk.
+) -> tuple[float, float, float]:
+    """``(max |logit difference|, max |adapter tensor difference|, seconds of PeftModel.from_pretrained)`` between
+    the trained model and base + adapter reloaded from disk (the load time excludes loading the base).
 
     ``prepare_base(model) -> model`` turns the fresh base into the trained one's (``--prune``, ``--quantize``)."""
     from peft import PeftModel
@@ -244,7 +259,9 @@ def reload_check(
     fresh_base, _ = load_model_and_tokenizer(model_path)
     if prepare_base is not None:
         fresh_base = prepare_base(fresh_base)
+    start = time.perf_counter()
     reloaded = PeftModel.from_pretrained(fresh_base, str(adapter_dir))
+    load_seconds = time.perf_counter() - start
     model.eval()
     reloaded.eval()
     device = next(model.parameters()).device
@@ -252,7 +269,7 @@ def reload_check(
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.inference_mode():
         diff = (model(**batch).logits - reloaded(**batch).logits).abs().max().item()
-    return diff, adapter_state_diff(model, reloaded)
+    return diff, adapter_state_diff(model, reloaded), load_seconds
 
 
 def adapter_state_diff(model, reloaded) -> float:
@@ -325,6 +342,8 @@ def train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(args.model)
     print(f"model loaded in {time.perf_counter() - start:.1f} s", flush=True)
+    if args.method == "supertuning" and "sparsity" not in parse_set(args.set):
+        config.sparsity = lora_budget_sparsity(model)
     train_set, eval_set = load_data(args)
     n_m, sparsity = args.prune.n_m if args.prune else None, {"prune": str(args.prune or "")}
     prune = pruner(args.prune, tokenizer, train_set) if args.prune is not None else None
@@ -396,15 +415,15 @@ def train(args: argparse.Namespace) -> int:
 
     after = evaluate(peft_model, tokenizer, eval_set, "after")
     if config is None:  # full fine-tuning: no adapter to save or reload
-        adapter_bytes, entries, payload, diff, state_diff = None, 0, 0, 0.0, 0.0
+        adapter_bytes, entries, payload, diff, state_diff, load_seconds = None, 0, 0, 0.0, 0.0, None
     else:
         peft_model.save_pretrained(str(out))
         adapter_bytes = (out / "adapter_model.safetensors").stat().st_size
         entries, payload = adapter_budget_bytes(peft_model)
-        diff, state_diff = (
+        diff, state_diff, load_seconds = (
             reload_check(peft_model, args.model, out, tokenizer, eval_set, prepare_base=prepare_base)
             if args.reload_check
-            else (float("nan"), float("nan"))
+            else (float("nan"), float("nan"), None)
         )
     step_median = statistics.median(timer.times) if timer.times else float("nan")
     if "before" in sparsity and args.quantize:
@@ -432,6 +451,7 @@ def train(args: argparse.Namespace) -> int:
         "k_times_value_plus_index_bytes": payload,
         "reload_max_abs_logit_diff": diff,
         "reload_max_abs_adapter_diff": state_diff,
+        "adapter_load_seconds": load_seconds,
         "adapter_dir": str(out),
         "sparsity": sparsity,
         "quantize": args.quantize,
@@ -479,10 +499,15 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"{summary['optimizer_state_bytes'] / 2**20:,.1f} MiB",
         f"reload check           max |Δlogit| = {summary['reload_max_abs_logit_diff']:.2e}, max |Δadapter tensor| = "
         f"{summary['reload_max_abs_adapter_diff']:.2e}",
+        f"adapter load time      {_fmt_seconds(summary.get('adapter_load_seconds'))} (PeftModel.from_pretrained)",
         f"adapter saved to       {summary['adapter_dir']}",
         "=" * 64,
     ]
     print("\n".join(lines), flush=True)
+
+
+def _fmt_seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
 
 
 def _prune_spec(text: str) -> PruneSpec:
@@ -501,8 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="lift",
         type=canonical_method,
         choices=sorted([*METHODS, *BASELINES]),
-        help="sparse method (default: lift; diff-pruning is accepted for diff_pruning); 'lora' and 'full' train "
-        "the benchmarks' baselines (PEFT LoRA r=16, full fine-tuning)",
+        help="sparse method (default: lift; diff-pruning is accepted for diff_pruning); 'lora', 'full', 'shira' "
+        "and 'supertuning' train the benchmarks' baselines (PEFT LoRA r=16, full fine-tuning, PEFT's ShiRA and "
+        "Super-Tuning at LoRA's trainable count)",
     )
     t.add_argument(
         "--quantize", choices=["4bit", "8bit"], default=None, help="train on a bitsandbytes base (after --prune)"

@@ -174,6 +174,30 @@ def _clear_load_errors(original: Callable[..., Any]) -> Callable[..., Any]:
     return load_file
 
 
+def _while_loading(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a PEFT loader inside :func:`~sparse_peft.tuners.base.loading_checkpoint`: the adapters it creates take
+    their positions from the file, so no selection runs, with ``is_trainable=True`` too."""
+    from .tuners.base import loading_checkpoint
+
+    @functools.wraps(original)
+    def load(*args: Any, **kwargs: Any) -> Any:
+        with loading_checkpoint():
+            return original(*args, **kwargs)
+
+    load._sparse_peft_atomic = True  # type: ignore[attr-defined]
+    return load
+
+
+def _install_loading_guards() -> None:
+    import peft.peft_model
+
+    cls = peft.peft_model.PeftModel
+    if not getattr(cls.from_pretrained, "_sparse_peft_atomic", False):
+        cls.from_pretrained = classmethod(_while_loading(cls.from_pretrained.__func__))
+    if not getattr(cls.load_adapter, "_sparse_peft_atomic", False):
+        cls.load_adapter = _while_loading(cls.load_adapter)
+
+
 MODEL_CARD_NOTE = (
     "## Loading this adapter\n\n"
     "This adapter uses a sparse fine-tuning method from [sparse_peft](https://pypi.org/project/sparse-peft/). "
@@ -215,7 +239,8 @@ def install_io_guards() -> None:
 
     PEFT writes ``adapter_model.safetensors`` straight to its final name; we route its ``safe_save_file`` through
     :func:`atomic_write` and its ``safe_load_file`` through an error that names the file and the fix, and add to the
-    model card of sparse adapters that loading them needs ``import sparse_peft``. The wrappers keep behaviour
+    model card of sparse adapters that loading them needs ``import sparse_peft``; ``PeftModel.from_pretrained`` and
+    ``load_adapter`` run inside :func:`~sparse_peft.tuners.base.loading_checkpoint`. The wrappers keep behaviour
     identical otherwise. If PEFT's internals move, this warns and leaves PEFT untouched.
     """
     import peft.peft_model
@@ -235,3 +260,4 @@ def install_io_guards() -> None:
             continue
         if not getattr(original, "_sparse_peft_atomic", False):
             setattr(module, attr, wrap(original))
+    _install_loading_guards()

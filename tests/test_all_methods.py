@@ -118,3 +118,96 @@ def test_resume_equals_uninterrupted(base_dir, tmp_path, method):
             assert torch.allclose(state_a[key], state_b[key], atol=1e-5), key
         else:
             assert torch.equal(state_a[key], state_b[key]), key
+
+
+#: every function that picks positions or units; loading a saved adapter must call none of them
+SELECTORS = ("topk_positions", "principal_score", "magnitude_score", "gradient_score", "random_score", "read_mask")
+
+
+def _forbid_selection(monkeypatch) -> None:
+    import sys
+
+    from sparse_peft.tuners.s2ft.layer import S2FTLinear
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a selection ran while loading an adapter whose file holds the positions")
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("sparse_peft"):
+            for selector in SELECTORS:
+                if hasattr(module, selector):
+                    monkeypatch.setattr(module, selector, refuse)
+    monkeypatch.setattr(S2FTLinear, "_choose", refuse)
+
+
+def test_loading_never_runs_a_selection(trained, monkeypatch):
+    """PeftModel (frozen and trainable), AutoPeftModel and transformers' load_adapter take positions from the file."""
+    from sparse_peft import AutoPeftModelForCausalLM
+
+    method, model, _, out = trained
+    model.eval()
+    with torch.no_grad():
+        expected = model(INPUT).logits
+    _forbid_selection(monkeypatch)
+    base_dir = out / "base"
+    if not base_dir.exists():
+        prepare_base(method, tiny_llama()).save_pretrained(base_dir)
+    loaded = {
+        "frozen": PeftModel.from_pretrained(prepare_base(method, tiny_llama()), out),
+        "trainable": PeftModel.from_pretrained(prepare_base(method, tiny_llama()), out, is_trainable=True),
+    }
+    loaded["second adapter"] = loaded["frozen"]
+    loaded["second adapter"].load_adapter(out, adapter_name="again", is_trainable=True)
+    plain = prepare_base(method, tiny_llama())
+    plain.load_adapter(str(out), adapter_name="x")
+    loaded["transformers"] = plain
+    (out / "adapter_config.json").rename(out / "adapter_config.json.bak")
+    try:  # AutoPeftModel reads the base path from the config; point it at the saved base
+        import json
+
+        config = json.loads((out / "adapter_config.json.bak").read_text())
+        config["base_model_name_or_path"] = str(base_dir)
+        (out / "adapter_config.json").write_text(json.dumps(config))
+        loaded["AutoPeftModel"] = AutoPeftModelForCausalLM.from_pretrained(out)
+    finally:
+        (out / "adapter_config.json.bak").replace(out / "adapter_config.json")
+    for how, reloaded in loaded.items():
+        reloaded.eval()
+        with torch.no_grad():
+            assert torch.allclose(reloaded(INPUT).logits, expected, atol=1e-5), f"{method}: {how}"
+
+
+def test_load_into_other_shapes_names_the_layer(trained):
+    """A base of other shapes fails on the checkpoint's shape check, before any method-specific config check."""
+    method, _, _, out = trained
+    other = prepare_base(method, tiny_llama(hidden_size=4, intermediate_size=8))  # smaller than filter_rank etc.
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.|adapter entry for|point outside|shape") as info:
+        PeftModel.from_pretrained(other, out)
+    assert "filter_rank" not in str(info.value), info.value
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("method", METHODS)
+def test_half_precision_forward_and_backward(method, dtype, autocast):
+    """A half-precision base (or a float32 base under autocast) trains: finite outputs and adapter gradients."""
+    base = prepare_base(method, tiny_llama())
+    if not autocast:
+        base = base.to(dtype)
+    model = get_peft_model(base, tiny_config(method))
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for step in (1, 2):  # two steps: SMT picks its blocks after a one-step warm-up
+        optimizer.zero_grad()
+        begin_step(model, step)
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            logits = model(INPUT).logits
+            loss = logits.float().square().mean()
+        loss.backward()
+        before_optimizer_step(model)
+        assert torch.isfinite(logits).all(), method
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads), method
+        optimizer.step()
+        refresh_masks(model, step, optimizer)
+    assert any(g.abs().sum() > 0 for g in grads), method

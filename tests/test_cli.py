@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import char_tokenizer, tiny_llama
 from transformers import AutoModelForCausalLM
 
@@ -87,9 +88,10 @@ def test_set_parsing_and_unknown_fields():
     assert build_config("lift", {"rank": 3}).rank == 3
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "shira", "supertuning"])
 def test_baselines_for_benchmarks(tiny_model_dir, tmp_path, method):
-    """``--method lora|full`` train PEFT's LoRA and the full model; memory and optimizer state are reported."""
+    """``--method lora|full|shira|supertuning`` train PEFT's LoRA, the full model and PEFT's static sparse deltas
+    (at LoRA's trainable count); memory, optimizer state and the adapter load time are reported."""
     train = _jsonl(tmp_path / "train.jsonl", _rows(8))
     evaluation = _jsonl(tmp_path / "eval.jsonl", _rows(2))
     out = tmp_path / "run"
@@ -102,6 +104,13 @@ def test_baselines_for_benchmarks(tiny_model_dir, tmp_path, method):
         assert summary["trainable_parameters"] == params and summary["adapter_bytes"] is None
     else:
         assert 0 < summary["trainable_parameters"] < params and summary["adapter_bytes"] > 0
+        assert summary["adapter_load_seconds"] > 0
+    if method in ("shira", "supertuning"):  # the same budget as LoRA r=16 (up to Super-Tuning's rounding per matrix)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        head = model.get_output_embeddings()
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+        lora = sum(min(16 * (m.in_features + m.out_features), m.in_features * m.out_features) for m in linears)
+        assert abs(summary["trainable_parameters"] - lora) <= len(linears), (summary["trainable_parameters"], lora)
     # AdamW keeps two moments per trainable entry (plus a step counter per tensor)
     assert summary["optimizer_state_bytes"] >= 2 * 4 * summary["trainable_parameters"]
     assert summary["peak_rss_bytes"] >= summary["frozen_rss_bytes"] > 0

@@ -260,7 +260,9 @@ def test_save_reload_and_continue(tmp_path):
     for name in ("lora_A", "lora_B", "values", "indices", "mask_ready"):
         assert sum(key.endswith(f"sparse_peft_rosa_{name}") for key in tensors) == 14, name
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
-    assert torch.equal(loaded(INPUT).logits, expected)
+    # equal up to float rounding: the trained model (values require grad) runs the one-GEMM path, the frozen
+    # reload on 24 tokens the base + CSR path (the inference rule)
+    assert torch.allclose(loaded(INPUT).logits, expected, atol=1e-6)
     trainable = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
     layer = rosa_layers(trainable)[0]
     assert layer.is_mask_ready("default")  # a loaded adapter keeps its mask: no second collection

@@ -6,28 +6,37 @@ A sparse delta on a weight ``W`` of shape ``(m, n)`` is a pair
 * ``indices`` -- an integer vector of length ``k`` of *flat, row-major* positions in ``W``
   (``row = i // n``, ``col = i % n``), unique within a delta,
 
-meaning ``ΔW = scatter(values at indices)``. The layer output is ``y = base(x) + x ΔWᵀ``.
+meaning ``ΔW = scatter(values at indices)``. The layer output is ``y = x (W + ΔW)ᵀ + b``.
 
-:class:`SparseDeltaMatmul` computes ``x ΔWᵀ`` with sparse CSR kernels, so nothing of size ``m x n`` is ever built,
-neither in forward nor in backward:
+**Training path** (:func:`fused_sparse_linear`, :class:`FusedSparseLinear`): one dense GEMM on the transient
+``W_eff = W + scatter(values)``, which autograd does not keep:
 
-* forward:  ``y_Δ = (ΔW_csr · xᵀ)ᵀ``                       -- cost ``O(k · tokens)``
-* backward: ``∂L/∂x = (ΔWᵀ_csr · gᵀ)ᵀ``                    -- cost ``O(k · tokens)``
-  ``∂L/∂values[j] = Σ_t g[t, row_j] · x[t, col_j]``     -- a sampled dense-dense product (SDDMM),
-  evaluated only at the ``k`` active positions (``torch.sparse.sampled_addmm``).
+* forward:  ``W_eff`` built (a copy of ``W`` plus ``k`` adds), ``y = x W_effᵀ + b``, ``W_eff`` freed;
+* backward: ``W_eff`` rebuilt, ``∂L/∂x = g W_eff``;
+  ``∂L/∂values[j] = Σ_t g[t, row_j] · x[t, col_j]``, a sampled dense-dense product (SDDMM,
+  ``torch.sparse.sampled_addmm``) evaluated only at the ``k`` active positions, in float32.
 
-Saved for backward: the input ``x`` (which the frozen base layer saves anyway), ``values`` and ``indices``. The
-gradient that reaches the optimizer is therefore of size ``k``, and so is the optimizer state.
+So the step costs the frozen layer's two GEMMs, two copies of ``W`` and an SDDMM of ``k · tokens``: no CSR SpMM on
+the hot path. Saved for backward: ``x`` (which the frozen layer saves anyway) and ``values``; at most one
+``out x in`` transient per layer is alive at a time, and the base weight never requires grad. Measured on one
+1536x576 layer, 1024 tokens, 2 CPU cores (``benchmarks/results/2026-12-01/engine.md``), this path runs at or
+below a LoRA layer of the same budget, where the CSR path below took 1.2-2.1x.
 
-The sparse kernels run in the dtype of ``values`` (float32 by default): CPU CSR kernels have no bfloat16 path, and a
-float32 delta also keeps small updates from vanishing against a bf16 weight.
+**Inference with few tokens** (decoding): ``base(x) + (ΔW_csr · xᵀ)ᵀ`` (:class:`SparseDeltaMatmul`, CSR SpMM,
+``O(k · tokens)``) is cheaper than copying ``W``; :func:`prefer_fused` holds the measured rule. The CSR path also
+serves layers whose base weight was made trainable by hand, since the fused path gives ``W`` no gradient.
+
+Half precision: the fused path computes in the layer's dtype (autocast's, when on); the deltas are added into the
+half-precision ``W_eff`` as a merged half-precision model would hold them, while values, their gradients (SDDMM in
+float32) and optimizer state stay float32. The CSR kernels have no bfloat16 path on CPU and run in float32.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -57,6 +66,7 @@ class SparsePattern:
     """
 
     shape: tuple[int, int]
+    flat: torch.Tensor  # int64 flat positions in slot order (the scatter of the one-GEMM path)
     row_order: torch.Tensor  # slot ids sorted by (row, col)
     crow: torch.Tensor
     col_sorted: torch.Tensor
@@ -71,6 +81,7 @@ class SparsePattern:
         col_order = torch.argsort(cols * shape[0] + rows)
         return cls(
             shape=shape,
+            flat=indices.long(),
             row_order=row_order,
             crow=_compressed(rows, shape[0]),
             col_sorted=cols[row_order],
@@ -164,6 +175,128 @@ class SparseDeltaMatmul(torch.autograd.Function):
         if ctx.observer is not None:  # e.g. SpIEL's candidate statistics, only while a selection window is open
             ctx.observer(g2, _as_2d(x, work.dtype), grad_values)
         return grad_x, grad_values, None, None, None
+
+
+Observer = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], None]
+
+
+@dataclass(frozen=True)
+class DeltaTerm:
+    """One adapter's delta inside a fused layer: its layout, how many leading slots train, and an optional
+    ``observer(grad_out_2d, x_2d, grad_values)`` called once in backward (float32 operands)."""
+
+    pattern: SparsePattern
+    n_trainable: int
+    observer: Optional[Observer] = None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in: autocast's when it is on for ``x``'s device, else ``x``'s own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def effective_weight(
+    weight: torch.Tensor, terms: Sequence[DeltaTerm], values: Sequence[torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
+    """``W_eff = W + Σ_a scatter(values_a)`` as a new ``dtype`` tensor (a transient of this one layer).
+
+    The deltas are added in ``dtype``: on a half-precision base each forward sees ``ΔW`` rounded against ``W``, as a
+    merged half-precision model would; the values themselves and their gradients stay in their own dtype.
+    """
+    out = weight.detach().to(dtype=dtype, copy=True)
+    flat = out.view(-1)
+    for term, vals in zip(terms, values, strict=True):
+        flat.index_add_(0, term.pattern.flat, vals.detach().to(dtype))
+    return out
+
+
+class FusedSparseLinear(torch.autograd.Function):
+    """``y = x · (W + Σ_a ΔW_a)ᵀ + b`` as one dense GEMM, with gradients for the ``values`` only at their slots.
+
+    * forward:  ``W_eff = W + Σ scatter(values_a)`` (built, used, freed), ``y = x W_effᵀ + b``;
+    * backward: ``∂L/∂x = g · W_eff`` with ``W_eff`` rebuilt (one copy of ``W`` and ``k`` adds);
+      ``∂L/∂values_a[j] = Σ_t g[t, row_j] · x[t, col_j]`` by an SDDMM at the ``k`` positions only, in float32.
+
+    Saved for backward: ``x`` (which the frozen layer would save anyway) and the values; ``W`` is re-read from
+    ``weight_fn`` (for a quantized base: dequantized again), so nothing of size ``out x in`` outlives a pass and at
+    most one ``W_eff`` per layer is alive at a time. The base weight never needs ``requires_grad``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, weight_fn, terms, *values):  # type: ignore[override]
+        dtype = compute_dtype(x)
+        with _no_autocast(x), torch.no_grad():
+            weight = effective_weight(weight_fn(), terms, values, dtype)
+            out = torch.nn.functional.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
+        del weight
+        ctx.weight_fn, ctx.terms, ctx.dtype = weight_fn, terms, dtype
+        ctx.save_for_backward(x, *values)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, *values = ctx.saved_tensors
+        terms: Sequence[DeltaTerm] = ctx.terms
+        needs_x, needs_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with _no_autocast(x):
+            g2 = _as_2d(grad_out, ctx.dtype)
+            grad_x = None
+            if needs_x:
+                with torch.no_grad():
+                    weight = effective_weight(ctx.weight_fn(), terms, values, ctx.dtype)
+                grad_x = (g2 @ weight).reshape(x.shape).to(x.dtype)
+                del weight
+            grad_bias = g2.sum(0) if needs_bias else None
+            grad_values = _sampled_term_grads(ctx, g2, x, terms, values)
+        return (grad_x, grad_bias, None, None, *grad_values)
+
+
+def _sampled_term_grads(
+    ctx, g2: torch.Tensor, x: torch.Tensor, terms: Sequence[DeltaTerm], values: Sequence[torch.Tensor]
+) -> list[Optional[torch.Tensor]]:
+    """Each term's ``∂L/∂values`` (zero past ``n_trainable``) by SDDMM in float32, and its observer's call."""
+    needs = ctx.needs_input_grad[4:]
+    if not any(needs) and all(term.observer is None for term in terms):
+        return [None] * len(values)
+    g32, x32 = g2.float(), _as_2d(x, torch.float32)
+    grads: list[Optional[torch.Tensor]] = []
+    for term, vals, need in zip(terms, values, needs, strict=True):
+        grad = None
+        if need:
+            grad = term.pattern.sampled_grad(g32, x32)
+            grad[term.n_trainable :] = 0
+        if term.observer is not None:
+            term.observer(g32, x32, grad)
+        grads.append(None if grad is None else grad.to(vals.dtype))
+    return grads
+
+
+def fused_sparse_linear(
+    x: torch.Tensor,
+    weight_fn: Callable[[], torch.Tensor],
+    bias: Optional[torch.Tensor],
+    terms: Sequence[DeltaTerm],
+    values: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """``x · (W + Σ ΔW_a)ᵀ + bias`` on one GEMM (see :class:`FusedSparseLinear`); ``weight_fn()`` returns the
+    (dequantized) base weight ``(out, in)`` and must return the same tensor in forward and backward."""
+    return FusedSparseLinear.apply(x, bias, weight_fn, tuple(terms), *values)
+
+
+#: Inference rule (``no_grad``): the one-GEMM path pays one copy of ``W`` per forward, the CSR path a sparse product
+#: whose cost grows with tokens · k. Measured on 2 CPU cores, torch 2.13, one 1536x576 layer, ``x @ Wᵀ + CSR`` vs
+#: the fused path, medians of 30 (fused / CSR): 1 token 1.30 / 1.31 / 1.63 at density 0.5 / 1 / 5%; 4 tokens
+#: 1.23 / 1.42 / 1.39; 64 tokens 0.93 / 1.01 / 1.00; 256 tokens 0.89 / 0.62 / 0.78; 1024 tokens 0.81 / 0.80 / 0.58.
+#: The crossover sits near 64 tokens at every density, so below it (decoding, short prompts) inference takes
+#: base + CSR. With gradients the fused path always wins (``benchmarks/engine.py``).
+FUSED_MIN_TOKENS = 64
+
+
+def prefer_fused(tokens: int, training: bool) -> bool:
+    """Whether :func:`fused_sparse_linear` is the cheaper path: always with gradients, else from
+    :data:`FUSED_MIN_TOKENS` tokens on."""
+    return training or tokens >= FUSED_MIN_TOKENS
 
 
 def sampled_grad(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
@@ -102,6 +105,31 @@ class SparseConfig(PeftConfig):
             raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
 
 
+_LOADING: ContextVar[bool] = ContextVar("sparse_peft_loading", default=False)
+
+
+@contextlib.contextmanager
+def loading_checkpoint() -> Iterator[None]:
+    """Marks adapters created inside it as about to be overwritten by a checkpoint (see :func:`from_checkpoint`).
+
+    The registry enters it around ``PeftModel.from_pretrained`` and ``PeftModel.load_adapter``, so loading with
+    ``is_trainable=True`` runs no selection either.
+    """
+    token = _LOADING.set(True)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
+
+
+def from_checkpoint(config: PeftConfig) -> bool:
+    """True when a new adapter's positions will come from a saved file: inference mode (PEFT's and transformers'
+    loaders set it unless ``is_trainable``) or inside :func:`loading_checkpoint`. Layers then allocate placeholder
+    positions instead of running their selection (an SVD, gradient statistics, a mask file), and skip checks that
+    only the selection needs, so a base of other shapes fails on the checkpoint's shape check naming the layer."""
+    return bool(getattr(config, "inference_mode", False)) or _LOADING.get()
+
+
 def linear_base(target: nn.Module) -> nn.Module:
     """The innermost base layer of ``target`` (unwrapping other tuner layers)."""
     return target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
@@ -165,4 +193,25 @@ class SparseTuner(BaseTuner):
             prepare = getattr(module, "prepare_load", None)
             if isinstance(module, BaseTunerLayer) and prepare is not None:
                 prepare(name, adapter_name, remapped)
+        _check_adapter_shapes(model, remapped)
         return remapped
+
+
+def _check_adapter_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Every adapter tensor of the checkpoint must have the shape this base model gives it (the layer-specific
+    checks of ``prepare_load`` ran first); otherwise a ``ValueError`` names the layer and the fix, instead of torch's
+    ``load_state_dict`` size-mismatch list."""
+    current = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for key, saved in state_dict.items():
+        tensor = current.get(key)
+        if tensor is None or tensor.shape == saved.shape:
+            continue
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and key.startswith(f"{n}.")}
+        where = max(layers, key=len) if layers else key.rsplit(".", 2)[0]
+        shape = getattr(layers.get(where), "shape", None)  # (out, in) of the base weight
+        base_shape = f" of shape {tuple(shape)}" if shape is not None else ""
+        raise ValueError(
+            f"adapter entry {key} holds shape {tuple(saved.shape)} but the layer {where}{base_shape} of this base "
+            f"model expects {tuple(tensor.shape)}: the adapter was trained on a base model with other layer shapes "
+            f"(or another rank). Load it into the base model it was trained on."
+        )

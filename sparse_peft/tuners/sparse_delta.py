@@ -20,8 +20,18 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from ..sparse.delta import SparsePattern, add_into, dense_delta, gather, index_dtype, sparse_delta_matmul
-from .base import SparseConfig
+from ..sparse.delta import (
+    DeltaTerm,
+    SparsePattern,
+    add_into,
+    dense_delta,
+    fused_sparse_linear,
+    gather,
+    index_dtype,
+    prefer_fused,
+    sparse_delta_matmul,
+)
+from .base import SparseConfig, from_checkpoint
 from .layer_base import SparseLayerBase
 
 
@@ -105,8 +115,8 @@ class SparseDeltaLinear(SparseLayerBase):
     def update_layer(self, adapter_name: str, config: SparseConfig, **kwargs: Any) -> None:
         """Create adapter ``adapter_name``: pick ``k`` positions, zero (or random) values, empty frozen part.
 
-        In inference mode (loading a saved adapter) the positions are placeholders that the checkpoint overwrites,
-        so no selection work (e.g. an SVD) is spent on them.
+        When loading a saved adapter (:func:`~sparse_peft.tuners.base.from_checkpoint`) the positions are
+        placeholders that the checkpoint overwrites, so no selection work (e.g. an SVD) is spent on them.
         """
         k = self.budget(config)
         if not self.min_budget <= k <= self.numel:
@@ -116,7 +126,7 @@ class SparseDeltaLinear(SparseLayerBase):
             )
         self.adapter_configs[adapter_name] = config
         device = self._weight_device()
-        if config.inference_mode:
+        if from_checkpoint(config):
             positions = torch.arange(k, dtype=index_dtype(self.numel))
         else:
             positions = self.select(config, adapter_name, k).to(index_dtype(self.numel))
@@ -173,15 +183,42 @@ class SparseDeltaLinear(SparseLayerBase):
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result, final = self._base_forward(x, *args, **kwargs)
-        if final:
-            return result
-        for name in self.active_adapters:
-            if name not in self.values:
-                continue
-            values, n_trainable = self._all_values(name)
-            observer = self.gradient_observer(name) if self.training and torch.is_grad_enabled() else None
-            delta = sparse_delta_matmul(x, values, self.pattern(name), self.shape, n_trainable, observer)
+        if self._adapters_off() or self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        return self._delta_forward(x, *args, **kwargs)
+
+    def delta_term(self, adapter_name: str) -> Optional[tuple[DeltaTerm, torch.Tensor]]:
+        """This adapter's delta for the forward (its layout, trainable count, observer) and its values, or None
+        when it stores no entries. Subclasses change which slots train or what observes the backward."""
+        values, n_trainable = self._all_values(adapter_name)
+        if values.numel() == 0:
+            return None
+        observer = self.gradient_observer(adapter_name) if self.training and torch.is_grad_enabled() else None
+        return DeltaTerm(self.pattern(adapter_name), n_trainable, observer), values
+
+    def _delta_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``base(x) + x · Σ_a ΔW_aᵀ`` over the active adapters.
+
+        With gradients (training) or enough tokens this is one GEMM on ``W + Σ ΔW_a``
+        (:func:`~sparse_peft.sparse.delta.fused_sparse_linear`); a no-grad call on few tokens (decoding) runs the
+        base layer plus a CSR product instead (:func:`~sparse_peft.sparse.delta.prefer_fused` has the rule), and
+        so does a base whose weight was made trainable by hand (the fused path gives no gradient to ``W``).
+        """
+        pairs = [pair for name in self.active_adapters if name in self.values and (pair := self.delta_term(name))]
+        if not pairs:
+            return self.base_layer(x, *args, **kwargs)
+        terms, values = zip(*pairs, strict=True)
+        grads = torch.is_grad_enabled() and (x.requires_grad or any(v.requires_grad for v in values))
+        tokens = x.numel() // max(x.shape[-1], 1)
+        base = self.get_base_layer()
+        frozen_base = not getattr(getattr(base, "weight", None), "requires_grad", False)
+        fused = prefer_fused(tokens, grads)
+        if fused and frozen_base and not args and not kwargs:
+            bias = getattr(base, "bias", None)
+            return fused_sparse_linear(x, self.get_base_weight, bias, terms, values)
+        result, _ = self._base_forward(x, *args, **kwargs)
+        for term, vals in zip(terms, values, strict=True):
+            delta = sparse_delta_matmul(x, vals, term.pattern, self.shape, term.n_trainable, term.observer)
             result = result + delta.to(result.dtype)
         return result
 

@@ -8,6 +8,7 @@ import torch
 
 from ...sparse.regrow import remap_parameter, source_map
 from ...sparse.select import principal_score, topk_positions
+from ..base import from_checkpoint
 from ..sparse_delta import SparseDeltaLinear
 from .config import LiftConfig
 
@@ -37,7 +38,7 @@ class LiftLinear(SparseDeltaLinear):
 
     def update_layer(self, adapter_name: str, config: LiftConfig, **kwargs) -> None:
         max_rank = min(self.shape)
-        if config.filter_rank > max_rank:
+        if config.filter_rank > max_rank and not from_checkpoint(config):  # loading: the shape check names it
             raise ValueError(
                 f"LiftConfig.filter_rank={config.filter_rank} is larger than the matrix {self.module_name} of shape "
                 f"{self.shape} allows (at most {max_rank}); lower filter_rank or exclude this module"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from ...sparse.delta import dense_delta, index_dtype, sparse_delta_matmul
+from ...sparse.delta import DeltaTerm, dense_delta, index_dtype
 from ...sparse.masks_file import read_mask
 from ...sparse.regrow import unwrap_optimizer
 from ...sparse.select import gradient_score, magnitude_score, random_score, topk_positions
@@ -140,25 +140,28 @@ class RosaLinear(SparseDeltaLinear):
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result, final = self._base_forward(x, *args, **kwargs)
-        if final:
-            return result
+        """``W x + (S x)`` on one GEMM (the shared entry-sparse path), plus the LoRA term ``s·B(A x)``."""
+        if self._adapters_off() or self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self._delta_forward(x, *args, **kwargs)
         for name in self.active_adapters:
-            if name not in self.adapter_configs:
-                continue
-            if name in self.values and self.values[name].numel() + self.frozen_values[name].numel() > 0:
-                result = result + self._sparse_term(name, x).to(result.dtype)
-            if name in self.lora_A:
+            if name in self.adapter_configs and name in self.lora_A:
                 result = result + self._lora_term(name, x).to(result.dtype)
         return result
 
-    def _sparse_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        values, n_trainable = self._all_values(name)
+    def delta_term(self, adapter_name: str) -> Optional[tuple[DeltaTerm, torch.Tensor]]:
+        """S trains only once its mask is chosen and the phase is ``train``; during collection the observer
+        gathers the gradient statistics (the dense ``gᵀx`` of this layer, one window at a time)."""
+        if adapter_name not in self.adapter_configs:
+            return None
+        values, n_trainable = self._all_values(adapter_name)
+        if values.numel() == 0:
+            return None
         observer = None
-        if self.training and torch.is_grad_enabled() and self._phase.get(name) == "collect":
-            observer = self._observer(name)
-        trains = self._phase.get(name, "train") == "train" and self.is_mask_ready(name)
-        return sparse_delta_matmul(x, values, self.pattern(name), self.shape, n_trainable if trains else 0, observer)
+        if self.training and torch.is_grad_enabled() and self._phase.get(adapter_name) == "collect":
+            observer = self._observer(adapter_name)
+        trains = self._phase.get(adapter_name, "train") == "train" and self.is_mask_ready(adapter_name)
+        return DeltaTerm(self.pattern(adapter_name), n_trainable if trains else 0, observer), values
 
     def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
         config = self.adapter_configs[name]

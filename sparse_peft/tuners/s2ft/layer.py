@@ -14,6 +14,7 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...sparse.slices import col_slice_matmul, row_slice_matmul, tap_gradient
+from ..base import from_checkpoint
 from ..layer_base import SparseLayerBase
 from .config import S2FTConfig
 
@@ -132,7 +133,7 @@ class S2FTLinear(SparseLayerBase):
         spec = slice_spec(self.role(config), self.shape, config, self.attention, self.module_name or "a layer")
         self.adapter_configs[adapter_name] = config
         self.specs[adapter_name] = spec
-        if config.inference_mode:
+        if from_checkpoint(config):
             units = torch.arange(spec.count)  # placeholder, overwritten by the checkpoint
         else:
             units = self._choose(config, spec, self._static_scores(config, spec))

@@ -1,0 +1,151 @@
+"""The one-GEMM entry-sparse path: ``x · (W + Σ scatter(values))ᵀ``, gradients only at the k entries."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from conftest import INPUT
+from peft import get_peft_model
+from torch import nn
+
+import sparse_peft.sparse.delta as delta_mod
+from sparse_peft import LiftConfig, LiftLinear
+from sparse_peft.sparse.delta import (
+    FUSED_MIN_TOKENS,
+    DeltaTerm,
+    SparsePattern,
+    dense_delta,
+    fused_sparse_linear,
+    prefer_fused,
+)
+
+SHAPE = (12, 10)
+
+
+def _term(k: int, seed: int, n_trainable: int | None = None, shape=SHAPE) -> tuple[DeltaTerm, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(shape[0] * shape[1], generator=g)[:k].to(torch.int32)
+    values = torch.randn(k, generator=g, dtype=torch.float64, requires_grad=True)
+    pattern = SparsePattern.build(indices, shape)
+    return DeltaTerm(pattern, k if n_trainable is None else n_trainable), values
+
+
+def _weight(shape=SHAPE) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+
+def test_forward_and_gradients_equal_the_dense_computation():
+    """y, ∂x and ∂values of two deltas with a bias equal autograd through the dense W + ΔW₁ + ΔW₂, gathered."""
+    weight, bias = _weight(), torch.randn(SHAPE[0], dtype=torch.float64)
+    (t1, v1), (t2, v2) = _term(30, 0), _term(20, 1, n_trainable=15)
+    x = torch.randn(3, 4, SHAPE[1], dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(3, 4, SHAPE[0], dtype=torch.float64)
+    (fused_sparse_linear(x, lambda: weight, bias, [t1, t2], [v1, v2]) * probe).sum().backward()
+
+    d1 = dense_delta(v1.detach(), t1.pattern.flat, SHAPE).requires_grad_(True)
+    d2 = dense_delta(v2.detach(), t2.pattern.flat, SHAPE).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ((x_ref @ (weight + d1 + d2).t() + bias) * probe).sum().backward()
+
+    assert torch.allclose(x.grad, x_ref.grad)
+    assert torch.allclose(v1.grad, d1.grad.reshape(-1)[t1.pattern.flat])
+    assert torch.allclose(v2.grad[:15], d2.grad.reshape(-1)[t2.pattern.flat[:15]])
+    assert torch.all(v2.grad[15:] == 0)  # the frozen tail takes part in the forward only
+
+
+def test_gradcheck():
+    weight = _weight((5, 4))
+    term, values = _term(7, 2, shape=(5, 4))
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: fused_sparse_linear(a, lambda: weight, None, [term], [b]), (x, values))
+
+
+def test_nothing_weight_sized_is_saved_and_one_transient_lives_at_a_time(monkeypatch):
+    """Memory promise on the new path: autograd keeps x and the values only; each W_eff dies before the next."""
+    out_f, in_f = 64, 48
+    layers = [nn.Linear(in_f, out_f, bias=False).requires_grad_(False) for _ in range(3)]
+    terms = [_term(40, seed, shape=(out_f, in_f)) for seed in range(3)]
+    alive: list[weakref.ref] = []
+    peak = [0]
+    build = delta_mod.effective_weight
+
+    def tracked(*args, **kwargs):
+        out = build(*args, **kwargs)
+        alive.append(weakref.ref(out))
+        peak[0] = max(peak[0], sum(ref() is not None for ref in alive))
+        return out
+
+    monkeypatch.setattr(delta_mod, "effective_weight", tracked)
+    x = torch.randn(5, in_f, dtype=torch.float64, requires_grad=True)
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        h = x
+        for layer, (term, values) in zip(layers, terms, strict=True):
+            h = fused_sparse_linear(h[..., :in_f], lambda w=layer.weight: w.double(), None, [term], [values])
+            h = torch.cat([h, h], dim=-1)[..., :in_f]
+    h.sum().backward()
+    assert saved and max(saved) < out_f * in_f
+    assert len(alive) == 6 and peak[0] == 1  # 3 forwards + 3 backwards, never two W_eff at once
+    assert all(not layer.weight.requires_grad and layer.weight.grad is None for layer in layers)
+
+
+def test_inference_rule():
+    """Training always takes the one-GEMM path; without gradients, few tokens take base + CSR."""
+    assert prefer_fused(tokens=1, training=True)
+    assert not prefer_fused(tokens=FUSED_MIN_TOKENS - 1, training=False)
+    assert prefer_fused(tokens=FUSED_MIN_TOKENS, training=False)
+
+
+def _lift_model(tiny):
+    return get_peft_model(tiny, LiftConfig(rank=2, filter_rank=4, init_weights=False))
+
+
+def test_layer_uses_the_fused_path_in_training_and_both_paths_agree(base_model, monkeypatch):
+    model = _lift_model(base_model)
+    calls = []
+    original = delta_mod.FusedSparseLinear.apply
+    monkeypatch.setattr(delta_mod.FusedSparseLinear, "apply", lambda *a: calls.append(1) or original(*a))
+    model.train()
+    trained = model(INPUT).logits
+    n_layers = sum(isinstance(m, LiftLinear) for m in model.modules())
+    assert len(calls) == n_layers
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        csr = model(INPUT[:, :1]).logits  # one token: base + CSR (the inference rule)
+        assert not calls
+        full = model(INPUT).logits
+    assert torch.allclose(trained, full, atol=1e-5)
+    assert torch.allclose(csr[:, 0], full[:, 0], atol=1e-5)
+
+
+def test_trainable_base_weight_falls_back_to_the_base_layer(base_model):
+    """A base weight made trainable by hand still gets its gradient (the fused path would not give one)."""
+    model = _lift_model(base_model)
+    layer = next(m for m in model.modules() if isinstance(m, LiftLinear))
+    layer.get_base_layer().weight.requires_grad_(True)
+    model(INPUT, labels=INPUT).loss.backward()
+    assert layer.get_base_layer().weight.grad is not None
+    assert layer.values["default"].grad is not None
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_base_fused_equals_base_kernel_plus_csr(base_dir, bits):
+    """On a bitsandbytes base the fused path (dequantize once, add Δ, one GEMM) gives the quantized kernel's
+    output plus the sparse term, within the kernels' tolerance."""
+    pytest.importorskip("bitsandbytes")
+    from test_quantized import quantized_base
+
+    model = _lift_model(quantized_base(base_dir, bits))
+    model.eval()
+    layer = next(m for m in model.modules() if isinstance(m, LiftLinear))
+    assert layer.quantization_backend is not None
+    x = torch.randn(2, FUSED_MIN_TOKENS, layer.in_features)
+    with torch.no_grad():
+        fused = layer(x)  # enough tokens for the one-GEMM path: dequantize once, add ΔW
+        values, _ = layer._all_values("default")
+        csr = layer.base_layer(x) + delta_mod.sparse_delta_matmul(x, values, layer.pattern("default"), layer.shape)
+    scale = csr.abs().max()
+    assert (fused - csr).abs().max() <= (0.02 if bits == 8 else 1e-4) * scale
