@@ -43,18 +43,6 @@ from sparse_peft.tuners.smt.layer import SmtLinear
 BLOCK = 64
 
 
-def bench(fn: Callable[[], None], repeat: int) -> float:
-    """Median wall time of ``fn`` over ``repeat`` runs after three warm-up runs."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes of every tensor autograd saves for the backward of one forward (shared storage counted per save)."""
     sizes: list[int] = []
@@ -144,13 +132,17 @@ def cases(out_f: int, in_f: int, density: float) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def measure(model: nn.Module, x: torch.Tensor, repeat: int) -> dict[str, float]:
-    """Time, saved bytes and trainable count of one layer on input ``x``."""
-    return {
-        "seconds": bench(lambda: step(model, x), repeat),
-        "saved": saved_bytes(model, x),
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-    }
+def interleaved(steps: list[Callable[[], None]], repeat: int) -> list[float]:
+    """Median wall time of each step, timed round-robin (one run of each per round, after three warm-up rounds), so
+    that drifts of the machine's speed hit every case alike instead of whichever ran during them."""
+    times: list[list[float]] = [[] for _ in steps]
+    for round_ in range(repeat + 3):
+        for fn, sink in zip(steps, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            if round_ >= 3:
+                sink.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def run(out_f: int, in_f: int, tokens: int, repeat: int) -> list[dict[str, object]]:
@@ -159,22 +151,34 @@ def run(out_f: int, in_f: int, tokens: int, repeat: int) -> list[dict[str, objec
     x_t = torch.randn(tokens, out_f, requires_grad=True)
     frozen = One(out_f, in_f).requires_grad_(False)
     frozen_t = One(in_f, out_f).requires_grad_(False)
-    bench(lambda: step(frozen, x), repeat)  # the first timings of a process run slow: warm up before the baseline
-    base = measure(frozen, x, repeat)
-    base_t = measure(frozen_t, x_t, repeat)
-    rows: list[dict[str, object]] = [{"density": None, "layer": "frozen dense", **base}]
+    entries: list[tuple[float | None, str, nn.Module, torch.Tensor]] = [
+        (None, "frozen dense", frozen, x),
+        (None, "frozen dense (transposed)", frozen_t, x_t),
+    ]
     for density in (0.005, 0.01, 0.05):
-        group = []
         for name, model in cases(out_f, in_f, density):
-            transposed = name.startswith("S²FT columns")
-            result = measure(model, x_t if transposed else x, repeat)
-            result["vs_frozen"] = result["seconds"] / (base_t if transposed else base)["seconds"]
-            group.append({"density": density, "layer": name, **result})
+            entries.append((density, name, model, x_t if name.startswith("S²FT columns") else x))
+    seconds = interleaved([lambda m=m, i=i: step(m, i) for _, _, m, i in entries], repeat)
+    rows: list[dict[str, object]] = []
+    for (density, name, model, inp), sec in zip(entries, seconds, strict=True):
+        rows.append(
+            {
+                "density": density,
+                "layer": name,
+                "seconds": sec,
+                "saved": saved_bytes(model, inp),
+                "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            }
+        )
+    base, base_t = rows[0], rows[1]
+    for density in (0.005, 0.01, 0.05):
+        group = [r for r in rows if r["density"] == density]
         lora = group[-1]
         for row in group:
+            transposed = str(row["layer"]).startswith("S²FT columns")
+            row["vs_frozen"] = row["seconds"] / (base_t if transposed else base)["seconds"]
             row["vs_lora"] = row["seconds"] / lora["seconds"]
             row["saved_vs_lora"] = row["saved"] / lora["saved"]
-        rows += group
     return rows
 
 
@@ -209,7 +213,7 @@ def main() -> None:
     rows = run(args.out, args.in_f, args.tokens, args.repeat)
     header = (
         f"Shape {args.out}x{args.in_f} (S²FT columns: {args.in_f}x{args.out}), {args.tokens} tokens, float32, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeat}."
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeat} round-robin rounds."
     )
     text = markdown(rows, header)
     print(text)
