@@ -31,21 +31,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .delta import compute_dtype
+
 WeightBuilder = Callable[..., torch.Tensor]
 FactorGrads = Callable[..., Sequence[Optional[torch.Tensor]]]
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
 
 
 class _RecomputedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, build, factor_grads, *factors):
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False), torch.no_grad():
             weight = build(*factors).to(dtype)
             out = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
