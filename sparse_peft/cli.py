@@ -445,6 +445,8 @@ def train(args: argparse.Namespace) -> int:
         "trainable_parameters": trainable,
         "trainable_parameters_at_start": trainable_start,
         "median_step_seconds": step_median,
+        "train_seconds": sum(timer.times),  # every optimizer step, mask refreshes and other callbacks included
+        "max_step_seconds": max(timer.times, default=float("nan")),
         **memory,
         "adapter_bytes": adapter_bytes,
         "stored_entries": entries,
@@ -491,7 +493,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         ]
     lines += [
         f"trainable parameters   {summary['trainable_parameters']:,}",
-        f"median step time       {summary['median_step_seconds']:.3f} s",
+        f"median step time       {summary['median_step_seconds']:.3f} s "
+        f"(training {summary['train_seconds']:.1f} s, slowest step {summary['max_step_seconds']:.2f} s)",
         f"adapter bytes on disk  {summary['adapter_bytes'] or 0:,}  "
         f"(k·(value+index) = {summary['k_times_value_plus_index_bytes']:,} for {summary['stored_entries']:,} entries)",
         f"peak RSS in training   {(summary['peak_rss_bytes'] or 0) / 2**20:,.0f} MiB "

@@ -121,7 +121,16 @@ def test_resume_equals_uninterrupted(base_dir, tmp_path, method):
 
 
 #: every function that picks positions or units; loading a saved adapter must call none of them
-SELECTORS = ("topk_positions", "principal_score", "magnitude_score", "gradient_score", "random_score", "read_mask")
+SELECTORS = (
+    "topk_positions",
+    "principal_score",
+    "principal_score_and_basis",
+    "warm_principal_score",
+    "magnitude_score",
+    "gradient_score",
+    "random_score",
+    "read_mask",
+)
 
 
 def _forbid_selection(monkeypatch) -> None:

@@ -11,14 +11,16 @@ meaning ``ΔW = scatter(values at indices)``. The layer output is ``y = x (W + �
 **Training path** (:func:`fused_sparse_linear`, :class:`FusedSparseLinear`): one dense GEMM on the transient
 ``W_eff = W + scatter(values)``, which autograd does not keep:
 
-* forward:  ``W_eff`` built (a copy of ``W`` plus ``k`` adds), ``y = x W_effᵀ + b``, ``W_eff`` freed;
-* backward: ``W_eff`` rebuilt, ``∂L/∂x = g W_eff``;
+* forward:  ``W_eff`` built (``k`` adds into ``W``'s own storage, undone after the GEMM by writing back the ``k``
+  original entries; a transient copy only when ``W`` is in another dtype or quantized), ``y = x W_effᵀ + b``;
+* backward: ``W_eff`` rebuilt the same way, ``∂L/∂x = g W_eff``;
   ``∂L/∂values[j] = Σ_t g[t, row_j] · x[t, col_j]``, a sampled dense-dense product (SDDMM,
   ``torch.sparse.sampled_addmm``) evaluated only at the ``k`` active positions, in float32.
 
-So the step costs the frozen layer's two GEMMs, two copies of ``W`` and an SDDMM of ``k · tokens``: no CSR SpMM on
-the hot path. Saved for backward: ``x`` (which the frozen layer saves anyway) and ``values``; at most one
-``out x in`` transient per layer is alive at a time, and the base weight never requires grad. Measured on one
+So the step costs the frozen layer's two GEMMs, ``O(k)`` gathers and scatters and an SDDMM of ``k · tokens``: no CSR
+SpMM and no copy of ``W`` on the hot path. Saved for backward: ``x`` (which the frozen layer saves anyway) and
+``values``; at most one ``out x in`` transient per layer is alive at a time (none for a base in the compute
+dtype), the base weight is bitwise unchanged after every pass, and it never requires grad. Measured on one
 1536x576 layer, 1024 tokens, 2 CPU cores (``benchmarks/results/2026-12-01/engine.md``), this path runs at or
 below a LoRA layer of the same budget, where the CSR path below took 1.2-2.1x.
 
@@ -34,7 +36,8 @@ float32) and optimizer state stay float32. The CSR kernels have no bfloat16 path
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -196,26 +199,51 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+@contextmanager
 def effective_weight(
-    weight: torch.Tensor, terms: Sequence[DeltaTerm], values: Sequence[torch.Tensor], dtype: torch.dtype
-) -> torch.Tensor:
-    """``W_eff = W + Σ_a scatter(values_a)`` as a new ``dtype`` tensor (a transient of this one layer).
+    weight: torch.Tensor,
+    terms: Sequence[DeltaTerm],
+    values: Sequence[torch.Tensor],
+    dtype: torch.dtype,
+    in_place: bool = True,
+) -> Iterator[torch.Tensor]:
+    """``W_eff = W + Σ_a scatter(values_a)`` in ``dtype``, for the duration of a ``with`` block.
+
+    When ``in_place`` and ``weight`` is already contiguous and in ``dtype`` (a float32 base trained in float32, a
+    bfloat16 base in bfloat16) the ``k`` entries are added **in place** into its storage and the ``k`` original
+    entries are written back on exit (bitwise: a gather before, a scatter after, in reverse term order so
+    overlapping terms restore too), so no ``out x in`` tensor is allocated or copied. The write goes through
+    ``weight.data``: autograd never sees a modified tensor, since only this layer's GEMM runs between the add and
+    the restore. Otherwise (another dtype, a dequantized copy, a strided view, ``in_place=False``) ``W_eff`` is one
+    new ``dtype`` transient.
+    :func:`fused_sparse_linear` passes ``in_place=False`` without gradients: inference may run the same model from
+    several threads, and a shared weight must then never be written.
 
     The deltas are added in ``dtype``: on a half-precision base each forward sees ``ΔW`` rounded against ``W``, as a
     merged half-precision model would; the values themselves and their gradients stay in their own dtype.
     """
-    out = weight.detach().to(dtype=dtype, copy=True)
-    flat = out.view(-1)
-    for term, vals in zip(terms, values, strict=True):
-        flat.index_add_(0, term.pattern.flat, vals.detach().to(dtype))
-    return out
+    base = weight.detach()
+    in_place = in_place and base.dtype == dtype and base.is_contiguous()
+    target = weight.data if in_place else base.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    flat = target.view(-1)
+    originals: list[torch.Tensor] = []
+    try:
+        for term, vals in zip(terms, values, strict=True):
+            if in_place:
+                originals.append(flat[term.pattern.flat])
+            flat.index_add_(0, term.pattern.flat, vals.detach().to(dtype))
+        yield target
+    finally:
+        for term, saved in zip(reversed(terms[: len(originals)]), reversed(originals), strict=True):
+            flat[term.pattern.flat] = saved
 
 
 class FusedSparseLinear(torch.autograd.Function):
     """``y = x · (W + Σ_a ΔW_a)ᵀ + b`` as one dense GEMM, with gradients for the ``values`` only at their slots.
 
-    * forward:  ``W_eff = W + Σ scatter(values_a)`` (built, used, freed), ``y = x W_effᵀ + b``;
-    * backward: ``∂L/∂x = g · W_eff`` with ``W_eff`` rebuilt (one copy of ``W`` and ``k`` adds);
+    * forward:  ``W_eff = W + Σ scatter(values_a)`` (:func:`effective_weight`: in ``W``'s storage, restored after
+      the GEMM), ``y = x W_effᵀ + b``;
+    * backward: ``∂L/∂x = g · W_eff`` with ``W_eff`` rebuilt the same way;
       ``∂L/∂values_a[j] = Σ_t g[t, row_j] · x[t, col_j]`` by an SDDMM at the ``k`` positions only, in float32.
 
     Saved for backward: ``x`` (which the frozen layer would save anyway) and the values; ``W`` is re-read from
@@ -224,13 +252,12 @@ class FusedSparseLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, bias, weight_fn, terms, *values):  # type: ignore[override]
+    def forward(ctx, x, bias, weight_fn, terms, in_place, *values):  # type: ignore[override]
         dtype = compute_dtype(x)
-        with _no_autocast(x), torch.no_grad():
-            weight = effective_weight(weight_fn(), terms, values, dtype)
+        build = effective_weight(weight_fn(), terms, values, dtype, in_place)
+        with _no_autocast(x), torch.no_grad(), build as weight:
             out = torch.nn.functional.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
-        del weight
-        ctx.weight_fn, ctx.terms, ctx.dtype = weight_fn, terms, dtype
+        ctx.weight_fn, ctx.terms, ctx.dtype, ctx.in_place = weight_fn, terms, dtype, in_place
         ctx.save_for_backward(x, *values)
         return out
 
@@ -243,20 +270,19 @@ class FusedSparseLinear(torch.autograd.Function):
             g2 = _as_2d(grad_out, ctx.dtype)
             grad_x = None
             if needs_x:
-                with torch.no_grad():
-                    weight = effective_weight(ctx.weight_fn(), terms, values, ctx.dtype)
-                grad_x = (g2 @ weight).reshape(x.shape).to(x.dtype)
-                del weight
+                build = effective_weight(ctx.weight_fn(), terms, values, ctx.dtype, ctx.in_place)
+                with torch.no_grad(), build as weight:
+                    grad_x = (g2 @ weight).reshape(x.shape).to(x.dtype)
             grad_bias = g2.sum(0) if needs_bias else None
             grad_values = _sampled_term_grads(ctx, g2, x, terms, values)
-        return (grad_x, grad_bias, None, None, *grad_values)
+        return (grad_x, grad_bias, None, None, None, *grad_values)
 
 
 def _sampled_term_grads(
     ctx, g2: torch.Tensor, x: torch.Tensor, terms: Sequence[DeltaTerm], values: Sequence[torch.Tensor]
 ) -> list[Optional[torch.Tensor]]:
     """Each term's ``∂L/∂values`` (zero past ``n_trainable``) by SDDMM in float32, and its observer's call."""
-    needs = ctx.needs_input_grad[4:]
+    needs = ctx.needs_input_grad[5:]
     if not any(needs) and all(term.observer is None for term in terms):
         return [None] * len(values)
     g32, x32 = g2.float(), _as_2d(x, torch.float32)
@@ -280,8 +306,9 @@ def fused_sparse_linear(
     values: Sequence[torch.Tensor],
 ) -> torch.Tensor:
     """``x · (W + Σ ΔW_a)ᵀ + bias`` on one GEMM (see :class:`FusedSparseLinear`); ``weight_fn()`` returns the
-    (dequantized) base weight ``(out, in)`` and must return the same tensor in forward and backward."""
-    return FusedSparseLinear.apply(x, bias, weight_fn, tuple(terms), *values)
+    (dequantized) base weight ``(out, in)`` and must return the same tensor in forward and backward. With
+    gradients enabled ``W_eff`` is built in ``W``'s own storage and restored (see :func:`effective_weight`)."""
+    return FusedSparseLinear.apply(x, bias, weight_fn, tuple(terms), torch.is_grad_enabled(), *values)
 
 
 #: Inference rule (``no_grad``): the one-GEMM path pays one copy of ``W`` per forward, the CSR path a sparse product

@@ -23,8 +23,16 @@ class LiftConfig(SparseConfig):
         density: fraction of each matrix to train; overrides ``rank`` when set.
         filter_rank: rank of the SVD approximation whose magnitudes rank the entries.
         svd: ``"exact"`` (float32 ``torch.linalg.svd``) or ``"randomized"`` (``torch.svd_lowrank`` with
-            ``q = 2·filter_rank`` and ``svd_niter`` power iterations; much faster on large matrices).
+            ``q = 2·filter_rank`` and ``svd_niter`` power iterations; faster on large matrices, but see ``refresh_svd``
+            for how far its masks are from the exact ones).
         update_interval: refresh the mask every this many optimizer steps; ``None`` or 0 keeps the first mask.
+        refresh_svd: how a refresh approximates ``W + ΔW``: ``"warm"`` (default) runs ``refresh_niter`` subspace
+            iterations warm-started from the base weight's top ``2·filter_rank`` right singular vectors (on SmolLM2
+            its masks matched the exact ones on 99.7% of entries, about 6x cheaper than an exact SVD: see
+            :func:`sparse_peft.sparse.select.warm_principal_score`); ``"exact"`` or ``"randomized"`` recompute it
+            from scratch as ``svd`` does. A cold randomized SVD is a poor approximation of these weights (71%
+            agreement with exact masks on SmolLM2 at ``svd_niter=2``).
+        refresh_niter: subspace iterations of a warm refresh.
     """
 
     method: ClassVar[str] = "lift"
@@ -38,6 +46,11 @@ class LiftConfig(SparseConfig):
         default=400, metadata={"help": "Recompute the mask every this many optimizer steps (None/0: never)."}
     )
 
+    refresh_svd: Literal["warm", "exact", "randomized"] = field(
+        default="warm", metadata={"help": "Refresh SVD: 'warm' (subspace iteration from the base's basis), 'exact'."}
+    )
+    refresh_niter: int = field(default=2, metadata={"help": "Subspace iterations of a warm refresh."})
+
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
@@ -47,6 +60,9 @@ class LiftConfig(SparseConfig):
         self._check_positive(owner, "svd_niter", self.svd_niter)
         if self.svd not in ("exact", "randomized"):
             raise ValueError(f"{owner}.svd must be 'exact' or 'randomized', got {self.svd!r}")
+        self._check_positive(owner, "refresh_niter", self.refresh_niter)
+        if self.refresh_svd not in ("warm", "exact", "randomized"):
+            raise ValueError(f"{owner}.refresh_svd must be 'warm', 'exact' or 'randomized', got {self.refresh_svd!r}")
         if self.update_interval is not None and (not isinstance(self.update_interval, int) or self.update_interval < 0):
             raise ValueError(
                 f"{owner}.update_interval must be None, 0 or a positive integer, got {self.update_interval!r}"

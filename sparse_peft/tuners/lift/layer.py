@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from ...sparse.regrow import remap_parameter, source_map
-from ...sparse.select import principal_score, topk_positions
+from ...sparse.select import principal_score_and_basis, topk_positions, warm_principal_score
 from ..base import from_checkpoint
 from ..sparse_delta import SparseDeltaLinear
 from .config import LiftConfig
@@ -27,9 +27,19 @@ class LiftLinear(SparseDeltaLinear):
     Refresh (:meth:`refresh_mask`): the mask is recomputed from ``W + ΔW``. Entries that stay keep their value and
     Adam moments, new entries start at zero, and entries that leave move their learned value into the frozen part,
     so the saved adapter stores the union of all masks used, as in-place training in the reference code does.
+    With ``refresh_svd="warm"`` (the default) the refresh's rank-``filter_rank`` approximation is a subspace
+    iteration warm-started from the *base* weight's top right singular vectors (see
+    :func:`~sparse_peft.sparse.select.warm_principal_score`), kept per adapter (an ``n x 2·filter_rank`` float32
+    tensor, not saved: it is a function of the base alone, recomputed on first use after a load or a resume, so a
+    resumed run refreshes exactly as an uninterrupted one). The reference code runs a full SVD at every refresh.
     """
 
     prefix = "sparse_peft_lift_"
+    _adapter_state = (*SparseDeltaLinear._adapter_state, "_principal_bases")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__["_principal_bases"] = {}  # filled by the first selection, which runs inside super().__init__
+        super().__init__(*args, **kwargs)
 
     def budget(self, config: LiftConfig) -> int:
         if config.density is not None:
@@ -48,12 +58,37 @@ class LiftLinear(SparseDeltaLinear):
     def select(
         self, config: LiftConfig, adapter_name: str, k: int, weight: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        """``top-k |W'|`` of ``weight`` (default: the base weight)."""
-        weight = self.base_weight_float() if weight is None else weight
-        score = principal_score(
-            weight, config.filter_rank, randomized=config.svd == "randomized", niter=config.svd_niter, seed=config.seed
-        )
+        """``top-k |W'|`` of ``weight`` (default: the base weight, whose right basis is kept for warm refreshes)."""
+        if weight is None:
+            score = self._base_score(config, adapter_name)
+        elif config.refresh_svd == "warm":
+            score = warm_principal_score(
+                weight, config.filter_rank, self._base_basis(config, adapter_name), niter=config.refresh_niter
+            )
+        else:
+            randomized = config.refresh_svd == "randomized"
+            score = principal_score_and_basis(
+                weight, config.filter_rank, randomized=randomized, niter=config.svd_niter, seed=config.seed
+            )[0]
         return topk_positions(score, k, seed=config.seed)
+
+    def _base_score(self, config: LiftConfig, adapter_name: str) -> torch.Tensor:
+        """``|W'|`` of the base weight by ``config.svd``; keeps the base's right basis for warm refreshes."""
+        score, basis = principal_score_and_basis(
+            self.base_weight_float(),
+            config.filter_rank,
+            randomized=config.svd == "randomized",
+            niter=config.svd_niter,
+            seed=config.seed,
+        )
+        self._principal_bases[adapter_name] = basis
+        return score
+
+    def _base_basis(self, config: LiftConfig, adapter_name: str) -> torch.Tensor:
+        """The base weight's right basis (computed now if this adapter was loaded rather than selected)."""
+        if adapter_name not in self._principal_bases:
+            self._base_score(config, adapter_name)
+        return self._principal_bases[adapter_name]
 
     def refresh_due(self, adapter_name: str, global_step: int) -> bool:
         """True when the mask of ``adapter_name`` is due for a refresh after optimizer step ``global_step``."""
