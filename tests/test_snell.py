@@ -10,7 +10,7 @@ from conftest import INPUT, tiny_llama, train_steps
 from peft import PeftModel, get_peft_model
 
 from sparse_peft import SnellConfig, SnellLinear
-from sparse_peft.sparse.kernel_delta import kernel_sparse_matmul
+from sparse_peft.sparse.kernel_delta import kernel_sparse_linear, kernel_sparse_matmul
 
 
 def snell_layers(model):
@@ -57,6 +57,72 @@ def test_backward_saves_no_dense_delta():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
         kernel_sparse_matmul(x, a, b, 0.1, 600)
     assert (30, 40) not in shapes and sorted(shapes) == sorted([(3, 40), (2, 40, 2), (2, 30, 2), ()])
+
+
+def test_fused_layer_path_matches_autograd_on_dense_formulation():
+    """One GEMM on W + ΔW_s,1 + ΔW_s,2 with a bias: y, ∂x, ∂bias and every factor's gradient equal autograd
+    through the base layer plus each adapter's dense formula; W gets no gradient and nothing out x in is saved."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(9, 12, dtype=torch.float64), torch.randn(9, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    pairs = [
+        (torch.randn(2, 12, r, dtype=torch.float64, requires_grad=True),
+         torch.randn(2, 9, r, dtype=torch.float64, requires_grad=True))
+        for r in (3, 2)
+    ]  # fmt: skip
+    scales, n_drops = [0.1, 0.3], [round(0.6 * 108), round(0.8 * 108)]
+    g = torch.randn(2, 5, 9, dtype=torch.float64)
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        y = kernel_sparse_linear(x, lambda: weight, bias, pairs, scales, n_drops)
+    assert (9, 12) not in shapes
+    leaves = (x, bias, *[t for pair in pairs for t in pair])
+    grads = torch.autograd.grad(y, leaves, g)
+    y_ref = x @ weight.t() + bias
+    for (a, b), scale, n_drop in zip(pairs, scales, n_drops, strict=True):
+        y_ref = y_ref + dense_reference(x, a, b, scale, n_drop)
+    ref = torch.autograd.grad(y_ref, leaves, g)
+    assert torch.allclose(y, y_ref, atol=1e-12)
+    for got, want in zip(grads, ref, strict=True):
+        assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_layer_takes_the_fused_path_unless_dropout_and_both_agree(monkeypatch):
+    import sparse_peft.sparse.kernel_delta as kd
+
+    calls = []
+    original = kd.KernelSparseLinear.apply
+    monkeypatch.setattr(kd.KernelSparseLinear, "apply", lambda *a: calls.append(1) or original(*a))
+    fused = get_peft_model(tiny_llama(), SnellConfig(r=4, sparsity=0.7, init_weights=False))
+    split = get_peft_model(tiny_llama(), SnellConfig(r=4, sparsity=0.7, init_weights=False, dropout=0.1))
+    split.load_state_dict(fused.state_dict())
+    fused.train()
+    fused(INPUT, labels=INPUT).loss.backward()
+    assert len(calls) == len(snell_layers(fused))
+    calls.clear()
+    fused.eval()
+    split.eval()  # dropout is the identity in eval: the split path must give the same outputs
+    with torch.no_grad():
+        expected = fused(INPUT).logits
+        assert len(calls) == len(snell_layers(fused))
+        calls.clear()
+        got = split(INPUT).logits
+    assert not calls
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_factors_run_the_kernel_in_float32(dtype):
+    """cdist has no CPU half-precision path: half factors (autocast_adapter_dtype=False) still train."""
+    base = tiny_llama().to(dtype)
+    model = get_peft_model(base, SnellConfig(r=4, sparsity=0.7, init_weights=False), autocast_adapter_dtype=False)
+    layer = snell_layers(model)[0]
+    assert layer.sparse_peft_snell_A["default"].dtype == dtype
+    model.train()
+    model(INPUT, labels=INPUT).loss.backward()
+    assert layer.sparse_peft_snell_A["default"].grad.dtype == dtype
+    assert layer.sparse_peft_snell_A["default"].grad.abs().sum() > 0
+    assert layer.get_delta_weight("default").dtype == torch.float32
 
 
 def test_kept_fraction_matches_sparsity():

@@ -11,11 +11,24 @@ With factor pairs ``A_h ∈ ℝ^{n×r/2}`` (input side) and ``B_h ∈ ℝ^{m×r/
 transient in forward and is recomputed in backward (the reference gets the same effect from activation
 checkpointing). Its gradient (``∂L/∂ΔW_s = gᵀx``, ``(m, n)``) is a transient of backward as well; what persists is
 the factors and their optimizer state only. No PEFT imports here.
+
+:class:`KernelSparseLinear` is the training path of a whole SNELL layer: ``y = x (W + Σ_a ΔW_s,a)ᵀ + b`` as **one**
+GEMM forward and one GEMM for ``∂x`` (instead of the base layer's GEMM plus a second one for the delta in each
+direction), with ``gᵀx`` formed once and shared by every adapter's factor gradient. ``τ`` comes from
+``torch.kthvalue`` (a selection, not a sort) in forward only; backward reuses it. The kernel always runs in float32
+(``cdist`` has no half-precision path on CPU), whatever the factors' and inputs' dtypes; the GEMMs run in the
+layer's compute dtype.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
+
+from .delta import compute_dtype
 
 
 def kernel_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -40,9 +53,15 @@ def sparsify(delta: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torc
     return delta * weight, weight
 
 
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernel's dtype: float32 for half precisions (``cdist`` has no CPU bfloat16 path), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def sparse_kernel_weight(a: torch.Tensor, b: torch.Tensor, scale: float, n_drop: int) -> torch.Tensor:
-    """The dense sparsified ``ΔW_s`` (merging and inspection; no autograd needed)."""
-    delta, _, _ = kernel_delta(a, b, scale)
+    """The dense sparsified ``ΔW_s`` in the kernel dtype (merging and inspection; no autograd needed)."""
+    dtype = kernel_dtype(a.dtype)
+    delta, _, _ = kernel_delta(a.to(dtype), b.to(dtype), scale)
     return sparsify(delta, competition_threshold(delta, n_drop))[0]
 
 
@@ -60,17 +79,18 @@ def _safe_ratio(g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 class KernelSparseDelta(torch.autograd.Function):
-    """``y = x ΔW_sᵀ`` (see the module docstring); the factors' dtype is the compute dtype."""
+    """``y = x ΔW_sᵀ`` alone (see the module docstring), for layers that cannot take :class:`KernelSparseLinear`
+    (dropout on the branch, a trainable base); the kernel and the product run in :func:`kernel_dtype`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, n_drop: int):  # type: ignore[override]
+        dtype = kernel_dtype(a.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            delta, _, _ = kernel_delta(a, b, scale)
+            delta, _, _ = kernel_delta(a.to(dtype), b.to(dtype), scale)
             tau = competition_threshold(delta, n_drop)
             delta_s, _ = sparsify(delta, tau)
             del delta
-            x2 = x.reshape(-1, x.shape[-1]).to(a.dtype)
-            y = x2 @ delta_s.t()
+            y = x.reshape(-1, x.shape[-1]).to(dtype) @ delta_s.t()
         ctx.save_for_backward(x, a, b, tau)
         ctx.scale = scale
         return y.reshape(*x.shape[:-1], b.shape[1])
@@ -78,26 +98,112 @@ class KernelSparseDelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         x, a, b, tau = ctx.saved_tensors
-        scale = ctx.scale
+        dtype = tau.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
-            delta, d0, d1 = kernel_delta(a, b, scale)  # recomputed: transient of this layer's backward
-            delta_s, weight = sparsify(delta, tau)
-            del delta
-            x2 = x.reshape(-1, x.shape[-1]).to(a.dtype)
-            g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(a.dtype)
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = (g2 @ delta_s).reshape(x.shape).to(x.dtype)
-            del delta_s
+                delta, _, _ = kernel_delta(a.to(dtype), b.to(dtype), ctx.scale)  # recomputed: a transient
+                grad_x = (g2 @ sparsify(delta, tau)[0]).reshape(x.shape).to(x.dtype)
+                del delta
             grad_a = grad_b = None
             if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-                g_delta = (g2.t() @ x2) * weight  # ∂L/∂ΔW through the detached magnitude weighting
-                del weight
-                grad_a0, grad_b0 = _pair_grads(scale * _safe_ratio(g_delta, d0), a[0], b[0])
-                grad_a1, grad_b1 = _pair_grads(-scale * _safe_ratio(g_delta, d1), a[1], b[1])
-                grad_a = torch.stack([grad_a0, grad_a1])
-                grad_b = torch.stack([grad_b0, grad_b1])
+                grad_a, grad_b = _factor_grads(g2.t() @ x2, a, b, ctx.scale, tau)
         return grad_x, grad_a, grad_b, None, None
+
+
+def _factor_grads(
+    dense_grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, tau: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂L/∂A, ∂L/∂B)`` of one adapter from ``∂L/∂ΔW_s = gᵀx`` (float32), recomputing its kernel."""
+    dtype = dense_grad.dtype
+    delta, d0, d1 = kernel_delta(a.to(dtype), b.to(dtype), scale)
+    _, weight = sparsify(delta, tau.to(dtype))
+    del delta
+    g_delta = dense_grad * weight  # ∂L/∂ΔW through the detached magnitude weighting
+    del weight
+    grad_a0, grad_b0 = _pair_grads(scale * _safe_ratio(g_delta, d0), a[0].to(dtype), b[0].to(dtype))
+    grad_a1, grad_b1 = _pair_grads(-scale * _safe_ratio(g_delta, d1), a[1].to(dtype), b[1].to(dtype))
+    return torch.stack([grad_a0, grad_a1]).to(a.dtype), torch.stack([grad_b0, grad_b1]).to(b.dtype)
+
+
+def _summed_deltas(
+    factors: Sequence[torch.Tensor], scales: Sequence[float], n_drops: Sequence[int], taus: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ_a ΔW_s,a, τ)`` in float32: the thresholds are computed when ``taus`` is None, else reused."""
+    if not scales:
+        raise ValueError("KernelSparseLinear needs at least one adapter's factors")
+    total: Optional[torch.Tensor] = None
+    found = []
+    for i, (scale, n_drop) in enumerate(zip(scales, n_drops, strict=True)):
+        a, b = factors[2 * i].float(), factors[2 * i + 1].float()
+        delta, _, _ = kernel_delta(a, b, scale)
+        tau = competition_threshold(delta, n_drop) if taus is None else taus[i]
+        found.append(tau)
+        delta_s, _ = sparsify(delta, tau)
+        del delta
+        total = delta_s if total is None else total.add_(delta_s)
+    return total, torch.stack(found)  # type: ignore[return-value]
+
+
+class KernelSparseLinear(torch.autograd.Function):
+    """``y = x (W + Σ_a ΔW_s,a)ᵀ + b`` on one GEMM each way (see the module docstring).
+
+    Saved for backward: ``x``, the factors and the ``τ`` s; ``W`` is re-read from ``weight_fn`` (a quantized base is
+    dequantized again) and every ``out x in`` tensor is a transient of one pass. The base never needs
+    ``requires_grad``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, weight_fn, scales, n_drops, *factors):  # type: ignore[override]
+        dtype = compute_dtype(x)
+        with torch.autocast(device_type=x.device.type, enabled=False), torch.no_grad():
+            weight, taus = _summed_deltas(factors, scales, n_drops, None)
+            weight = weight.to(dtype).add_(weight_fn().to(dtype))
+            out = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
+        del weight
+        ctx.weight_fn, ctx.scales, ctx.n_drops, ctx.dtype = weight_fn, scales, n_drops, dtype
+        ctx.save_for_backward(x, taus, *factors)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, taus, *factors = ctx.saved_tensors
+        needs_x, needs_bias, needs = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5:]
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grads: list[Optional[torch.Tensor]] = [None] * len(factors)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            grad_x = None
+            if needs_x:
+                with torch.no_grad():
+                    weight, _ = _summed_deltas(factors, ctx.scales, ctx.n_drops, taus)
+                    weight = weight.to(ctx.dtype).add_(ctx.weight_fn().to(ctx.dtype))
+                grad_x = (g2.to(ctx.dtype) @ weight).reshape(x.shape).to(x.dtype)
+                del weight
+            if any(needs):
+                dense_grad = g2.float().t() @ x.reshape(-1, x.shape[-1]).float()  # ∂L/∂ΔW_s, shared by all adapters
+                for i, scale in enumerate(ctx.scales):
+                    if needs[2 * i] or needs[2 * i + 1]:
+                        a, b = factors[2 * i], factors[2 * i + 1]
+                        grads[2 * i], grads[2 * i + 1] = _factor_grads(dense_grad, a, b, scale, taus[i])
+                del dense_grad
+            grad_bias = g2.sum(0).to(ctx.dtype) if needs_bias else None
+        return (grad_x, grad_bias, None, None, None, *grads)
+
+
+def kernel_sparse_linear(
+    x: torch.Tensor,
+    weight_fn: Callable[[], torch.Tensor],
+    bias: Optional[torch.Tensor],
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    scales: Sequence[float],
+    n_drops: Sequence[int],
+) -> torch.Tensor:
+    """``x (W + Σ_a ΔW_s,a)ᵀ + bias`` for the adapters' ``(A, B)`` pairs (see :class:`KernelSparseLinear`);
+    ``weight_fn()`` returns the (dequantized) base weight and must give the same tensor in forward and backward."""
+    flat = [t for pair in factors for t in pair]
+    return KernelSparseLinear.apply(x, bias, weight_fn, tuple(scales), tuple(n_drops), *flat)
 
 
 def kernel_sparse_matmul(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, n_drop: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...sparse.delta import add_into, gather
-from ...sparse.kernel_delta import kernel_sparse_matmul, sparse_kernel_weight
+from ...sparse.kernel_delta import kernel_sparse_linear, kernel_sparse_matmul, sparse_kernel_weight
 from ..layer_base import SparseLayerBase
 from .config import SnellConfig
 
@@ -29,7 +29,8 @@ class SnellLinear(SparseLayerBase):
 
     Stored per adapter: ``<prefix>A`` of shape ``(2, in, r/2)`` and ``<prefix>B`` of shape ``(2, out, r/2)``
     (trainable), nothing else: no mask and no indices. The dense ``ΔW`` is a transient of one layer in forward and in
-    backward (:class:`sparse_peft.sparse.kernel_delta.KernelSparseDelta` saves only ``x``, the factors and ``τ``).
+    backward: the layer runs one GEMM on ``W + ΔW_s`` each way
+    (:class:`sparse_peft.sparse.kernel_delta.KernelSparseLinear` saves only ``x``, the factors and ``τ``).
 
     Merge writes ``ΔW_s`` at the current factors into ``W`` and keeps the replaced entries, so unmerge is exact.
     """
@@ -77,22 +78,30 @@ class SnellLinear(SparseLayerBase):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The sparsified ``ΔW_s`` at the current factors, ``(out, in)``, in the factors' dtype (no gradient)."""
+        """The sparsified ``ΔW_s`` at the current factors, ``(out, in)``, in float32 for half-precision factors (no
+        gradient)."""
         config = self.adapter_configs[adapter_name]
         with torch.no_grad():
             a, b = self.sparse_peft_snell_A[adapter_name], self.sparse_peft_snell_B[adapter_name]
-            compute = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
-            return sparse_kernel_weight(a.to(compute), b.to(compute), config.kernel_scale, self.n_drop(adapter_name))
+            return sparse_kernel_weight(a, b, config.kernel_scale, self.n_drop(adapter_name))
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result, final = self._base_forward(x, *args, **kwargs)
-        if final:
-            return result
-        for name in self.active_adapters:
-            if name not in self.sparse_peft_snell_A:
-                continue
-            config = self.adapter_configs[name]
+        """One GEMM on ``W + Σ_a ΔW_s,a`` (:func:`~sparse_peft.sparse.kernel_delta.kernel_sparse_linear`) when no
+        active adapter has dropout and the base weight is frozen; else the base output plus each ``drop(x) ΔW_sᵀ``."""
+        names = [name for name in self.active_adapters if name in self.sparse_peft_snell_A]
+        if self._adapters_off() or self.merged or not names:
+            return self.base_layer(x, *args, **kwargs)
+        configs = [self.adapter_configs[name] for name in names]
+        base = self.get_base_layer()
+        frozen_base = not getattr(getattr(base, "weight", None), "requires_grad", False)
+        if frozen_base and not args and not kwargs and not any(c.dropout for c in configs):
+            pairs = [(self.sparse_peft_snell_A[name], self.sparse_peft_snell_B[name]) for name in names]
+            scales = [c.kernel_scale for c in configs]
+            n_drops = [self.n_drop(name) for name in names]
+            return kernel_sparse_linear(x, self.get_base_weight, getattr(base, "bias", None), pairs, scales, n_drops)
+        result, _ = self._base_forward(x, *args, **kwargs)
+        for name, config in zip(names, configs, strict=True):
             a, b = self.sparse_peft_snell_A[name], self.sparse_peft_snell_B[name]
             x_in = self.sparse_peft_snell_dropout[name](x)
             delta = kernel_sparse_matmul(x_in, a, b, config.kernel_scale, self.n_drop(name))
