@@ -92,6 +92,32 @@ def test_topk_ties_are_seeded_and_deterministic():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def _topk_by_full_sort(scores, k, seed, exclude=None):
+    """The definition: visit the scores in a seeded random order, stable-sort descending, take the first k."""
+    flat = scores.reshape(-1).float().clone()
+    if exclude is not None:
+        flat[exclude] = float("-inf")
+    order = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))
+    ranked = torch.sort(flat[order], descending=True, stable=True).indices[:k]
+    return torch.sort(order[ranked]).values
+
+
+@pytest.mark.parametrize("levels", [3, 50, None])
+def test_topk_selection_equals_the_full_sort_definition(levels):
+    """The O(n) selection picks exactly what the seeded stable full sort picks, with heavy ties, few, or none."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        shape = (17, 23)
+        if levels is None:
+            scores = torch.randn(shape, generator=generator)
+        else:
+            scores = torch.randint(0, levels, shape, generator=generator).float()
+        k = int(torch.randint(1, scores.numel() + 1, (1,), generator=generator))
+        exclude = torch.randperm(scores.numel(), generator=generator)[:5] if trial % 2 else None
+        got = topk_positions(scores, k, seed=trial, exclude=exclude)
+        assert torch.equal(got.long(), _topk_by_full_sort(scores, k, trial, exclude)), (levels, trial, k)
+
+
 def test_topk_exclude_and_bounds():
     scores = torch.arange(10.0)
     assert set(topk_positions(scores, 2, exclude=torch.tensor([9])).tolist()) == {7, 8}

