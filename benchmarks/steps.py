@@ -1,0 +1,156 @@
+"""Step time of every method on the main-job model, timed round-robin in one process so machine drift cancels.
+
+Run by hand::
+
+    python benchmarks/steps.py                                    # every method and LoRA, ShiRA, Super-Tuning
+    python benchmarks/steps.py --methods lora,lift,snell --rounds 12 --write benchmarks/results/<date>/steps.md
+
+Why: ``benchmarks/run.py`` trains one method after another, and this 2-core machine's speed drifts by tens of
+percent over minutes (the same LoRA run took 3.4 s and 5.0 s a step an hour apart), which swamps a 5% target. Here
+each method gets its own copy of SmolLM2-135M-Instruct wrapped with its main-job config (``sparse-peft train``'s
+``build_config``), its own AdamW at its main-job learning rate, and the schedule hooks a ``SparsePeftCallback``
+would call (``begin_step``, ``before_optimizer_step``, ``refresh_masks``). Each round runs one optimizer step of
+every method on the same batch of the built-in task (batch 8, chat template, up to 128 tokens; a fresh batch per
+round); the table gives the median over the timed rounds and its ratio to LoRA's.
+
+Methods whose schedule changes what a step does are first run untimed to their steady phase (``--preroll``): RoSA
+past its LoRA warm-up and gradient collection (25 steps), diff pruning past its projection (51 steps: the engine
+target is its stage-3 step), SMT past its warm-up (21 steps). SpIEL's reselection windows stay in the timed rounds
+(the median is its ordinary step). LIFT's refreshes fall outside the median; ``benchmarks/refresh.py`` times them.
+SPP and LoRS run on the dense base here: their kernels are dense, so a 2:4 base costs the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+import sparse_peft
+from sparse_peft.callbacks import ScheduleContext, before_optimizer_step, begin_step, refresh_masks
+from sparse_peft.cli import BASELINE_LR, MAIN_JOB_LR, build_config, lora_budget_sparsity
+from sparse_peft.models import load_model_and_tokenizer
+from sparse_peft.tasks import _prompt_text, arithmetic_task
+
+BASELINES = ("lora", "shira", "supertuning")
+PREROLL = {"rosa": 25, "diff_pruning": 51, "smt": 21}
+
+
+class Runner:
+    """One method: its wrapped model, optimizer and schedule position."""
+
+    def __init__(self, method: str, base: torch.nn.Module, total_steps: int) -> None:
+        config = build_config(method, {})
+        if method == "supertuning":
+            config.sparsity = lora_budget_sparsity(base)
+        self.method = method
+        self.model = get_peft_model(copy.deepcopy(base), config)
+        lr = {**MAIN_JOB_LR, **BASELINE_LR}.get(method, 1e-3)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr)
+        self.context = ScheduleContext(total_steps=total_steps)
+        self.step_count = 0
+        self.times: list[float] = []
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        """One optimizer step with the callback's hooks; returns its wall time."""
+        self.step_count += 1
+        start = time.perf_counter()
+        self.model.train()
+        begin_step(self.model, self.step_count, self.context)
+        self.model(**batch).loss.backward()
+        before_optimizer_step(self.model, self.context)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        refresh_masks(self.model, self.step_count, self.optimizer, self.context)
+        return time.perf_counter() - start
+
+
+def batches(tokenizer, n: int, batch_size: int, max_length: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """``n`` batches of the built-in task: prompt and answer in the chat template, padded right, loss everywhere."""
+    train, _ = arithmetic_task(n_train=n * batch_size, n_eval=0, seed=seed)
+    rows = [
+        _prompt_text(tokenizer, row["prompt"]) + row["completion"][0]["content"] + tokenizer.eos_token for row in train
+    ]
+    out = []
+    for i in range(n):
+        chunk = rows[i * batch_size : (i + 1) * batch_size]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        out.append({**enc, "labels": labels})
+    return out
+
+
+def table(runners: list[Runner], rounds: int, warmup: int, setting: str) -> str:
+    lora = statistics.median(next(r for r in runners if r.method == "lora").times)
+    lines = [
+        f"{setting}, float32, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, median of {rounds - warmup} round-robin rounds after {warmup} warm-up rounds.",
+        "",
+        "| method | trainable | step s (median) | x LoRA | slowest timed step s |",
+        "|---|---|---|---|---|",
+    ]
+    for runner in runners:
+        median = statistics.median(runner.times)
+        trainable = sum(p.numel() for p in runner.model.parameters() if p.requires_grad)
+        lines.append(
+            f"| {runner.method} | {trainable:,} | {median:.2f} | {median / lora:.2f}x | {max(runner.times):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    methods = [*BASELINES, *sorted(sparse_peft.METHODS)]
+    parser.add_argument("--methods", default=",".join(methods), help="comma-separated; lora is always included")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first rounds")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=None, help="model directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--write", default=None, help="also write the Markdown table to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    chosen = ["lora", *[m for m in args.methods.split(",") if m and m != "lora"]]
+    base, tokenizer = load_model_and_tokenizer(args.model)
+    preroll_max = max((PREROLL.get(m, 0) for m in chosen), default=0)
+    data = batches(tokenizer, preroll_max + args.rounds, args.batch_size, args.max_length, args.seed)
+    runners = []
+    for method in chosen:
+        runner = Runner(method, base, total_steps=100)
+        for i in range(PREROLL.get(method, 0)):
+            runner.step(data[i])
+        print(f"{method}: ready after {runner.step_count} untimed steps", flush=True)
+        runners.append(runner)
+    for round_ in range(args.rounds):
+        batch = data[preroll_max + round_]
+        for runner in runners:
+            seconds = runner.step(batch)
+            if round_ >= args.warmup:
+                runner.times.append(seconds)
+        timed = " ".join(f"{r.method} {r.times[-1]:.2f}" for r in runners if r.times)
+        print(f"round {round_ + 1}/{args.rounds}: {timed}", flush=True)
+    model_name = args.model or "SmolLM2-135M-Instruct"
+    setting = f"{model_name}, batch {args.batch_size} of the built-in task (up to {args.max_length} tokens)"
+    text = table(runners, args.rounds, args.warmup, setting)
+    print(text)
+    if args.write:
+        path = Path(args.write)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
