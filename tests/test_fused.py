@@ -124,6 +124,16 @@ def test_inference_never_writes_the_shared_weight(monkeypatch):
     assert len(records) == 3 and not any(own for _, own, _ in records)
 
 
+def test_an_inference_mode_weight_is_never_written():
+    """A weight made under ``torch.inference_mode`` cannot be written outside it: W_eff is then a copy."""
+    with torch.inference_mode():
+        weight = _weight()
+    term, values = _term(30, 0)
+    x = torch.randn(3, SHAPE[1], dtype=torch.float64, requires_grad=True)
+    fused_sparse_linear(x, lambda: weight, None, [term], [values]).sum().backward()
+    assert values.grad is not None and x.grad is not None
+
+
 def test_base_is_restored_when_the_gemm_fails():
     weight = _weight()
     original = weight.clone()

@@ -214,8 +214,8 @@ def effective_weight(
     entries are written back on exit (bitwise: a gather before, a scatter after, in reverse term order so
     overlapping terms restore too), so no ``out x in`` tensor is allocated or copied. The write goes through
     ``weight.data``: autograd never sees a modified tensor, since only this layer's GEMM runs between the add and
-    the restore. Otherwise (another dtype, a dequantized copy, a strided view, ``in_place=False``) ``W_eff`` is one
-    new ``dtype`` transient.
+    the restore. Otherwise (another dtype, a dequantized copy, a strided view, an inference tensor,
+    ``in_place=False``) ``W_eff`` is one new ``dtype`` transient.
     :func:`fused_sparse_linear` passes ``in_place=False`` without gradients: inference may run the same model from
     several threads, and a shared weight must then never be written.
 
@@ -223,7 +223,7 @@ def effective_weight(
     merged half-precision model would; the values themselves and their gradients stay in their own dtype.
     """
     base = weight.detach()
-    in_place = in_place and base.dtype == dtype and base.is_contiguous()
+    in_place = in_place and base.dtype == dtype and base.is_contiguous() and not base.is_inference()
     target = weight.data if in_place else base.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
     flat = target.view(-1)
     originals: list[torch.Tensor] = []
