@@ -36,6 +36,7 @@ from peft import LoraConfig, ShiraConfig, SupertuningConfig, get_peft_model
 from torch import nn
 
 import sparse_peft
+from sparse_peft.registry import atomic_write
 from sparse_peft.sparse.delta import SparsePattern, sparse_delta_matmul
 from sparse_peft.sparse.select import random_score, topk_positions
 from sparse_peft.tuners.smt.layer import SmtLinear
@@ -218,7 +219,7 @@ def main() -> None:
     text = markdown(rows, header)
     print(text)
     if args.write:
-        Path(args.write).write_text(text + "\n")
+        atomic_write(args.write, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
 if __name__ == "__main__":

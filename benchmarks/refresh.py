@@ -25,6 +25,7 @@ from peft import PeftModel
 
 import sparse_peft
 from sparse_peft.models import load_model_and_tokenizer
+from sparse_peft.registry import atomic_write
 from sparse_peft.sparse.select import principal_score_and_basis, topk_positions, warm_principal_score
 
 VARIANTS = ("exact", "warm 0", "warm 1", "warm 2")
@@ -103,11 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        path = Path(args.write)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(path)
+        atomic_write(args.write, lambda tmp: Path(tmp).write_text(text + "\n"))
     return 0
 
 

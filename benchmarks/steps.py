@@ -35,6 +35,7 @@ import sparse_peft
 from sparse_peft.callbacks import ScheduleContext, before_optimizer_step, begin_step, refresh_masks
 from sparse_peft.cli import BASELINE_LR, MAIN_JOB_LR, build_config, lora_budget_sparsity
 from sparse_peft.models import load_model_and_tokenizer
+from sparse_peft.registry import atomic_write
 from sparse_peft.tasks import _prompt_text, arithmetic_task
 
 BASELINES = ("lora", "shira", "supertuning")
@@ -144,11 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(runners, args.rounds, args.warmup, setting)
     print(text)
     if args.write:
-        path = Path(args.write)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(path)
+        atomic_write(args.write, lambda tmp: Path(tmp).write_text(text + "\n"))
     return 0
 
 

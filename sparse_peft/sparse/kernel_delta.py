@@ -102,36 +102,41 @@ class KernelSparseDelta(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                delta, _, _ = kernel_delta(a.to(dtype), b.to(dtype), ctx.scale)  # recomputed: a transient
-                grad_x = (g2 @ sparsify(delta, tau)[0]).reshape(x.shape).to(x.dtype)
-                del delta
-            grad_a = grad_b = None
-            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-                grad_a, grad_b = _factor_grads(g2.t() @ x2, a, b, ctx.scale, tau)
+            wants_factors = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+            dense_grad = g2.t() @ x2 if wants_factors else None
+            delta_s, grad_a, grad_b = _adapter_backward(dense_grad, a, b, ctx.scale, tau, dtype)
+            del dense_grad
+            grad_x = (g2 @ delta_s).reshape(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, grad_a, grad_b, None, None
 
 
-def _factor_grads(
-    dense_grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, tau: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(∂L/∂A, ∂L/∂B)`` of one adapter from ``∂L/∂ΔW_s = gᵀx`` (float32), recomputing its kernel."""
-    dtype = dense_grad.dtype
+def _adapter_backward(
+    dense_grad: Optional[torch.Tensor],
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    tau: torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """One adapter's ``ΔW_s`` (for ``∂x``) and, given ``∂L/∂ΔW_s = gᵀx``, its ``(∂L/∂A, ∂L/∂B)``, from one
+    evaluation of its kernel in ``dtype`` (backward recomputes the kernel once, not once per use)."""
     delta, d0, d1 = kernel_delta(a.to(dtype), b.to(dtype), scale)
-    _, weight = sparsify(delta, tau.to(dtype))
+    delta_s, weight = sparsify(delta, tau.to(dtype))
     del delta
+    if dense_grad is None:
+        return delta_s, None, None
     g_delta = dense_grad * weight  # ∂L/∂ΔW through the detached magnitude weighting
     del weight
     grad_a0, grad_b0 = _pair_grads(scale * _safe_ratio(g_delta, d0), a[0].to(dtype), b[0].to(dtype))
     grad_a1, grad_b1 = _pair_grads(-scale * _safe_ratio(g_delta, d1), a[1].to(dtype), b[1].to(dtype))
-    return torch.stack([grad_a0, grad_a1]).to(a.dtype), torch.stack([grad_b0, grad_b1]).to(b.dtype)
+    grad_a, grad_b = torch.stack([grad_a0, grad_a1]).to(a.dtype), torch.stack([grad_b0, grad_b1]).to(b.dtype)
+    return delta_s, grad_a, grad_b
 
 
 def _summed_deltas(
-    factors: Sequence[torch.Tensor], scales: Sequence[float], n_drops: Sequence[int], taus: Optional[torch.Tensor]
+    factors: Sequence[torch.Tensor], scales: Sequence[float], n_drops: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Σ_a ΔW_s,a, τ)`` in float32: the thresholds are computed when ``taus`` is None, else reused."""
+    """``(Σ_a ΔW_s,a, τ)`` in float32, the thresholds found by ``kthvalue`` (forward only; backward reuses them)."""
     if not scales:
         raise ValueError("KernelSparseLinear needs at least one adapter's factors")
     total: Optional[torch.Tensor] = None
@@ -139,7 +144,7 @@ def _summed_deltas(
     for i, (scale, n_drop) in enumerate(zip(scales, n_drops, strict=True)):
         a, b = factors[2 * i].float(), factors[2 * i + 1].float()
         delta, _, _ = kernel_delta(a, b, scale)
-        tau = competition_threshold(delta, n_drop) if taus is None else taus[i]
+        tau = competition_threshold(delta, n_drop)
         found.append(tau)
         delta_s, _ = sparsify(delta, tau)
         del delta
@@ -159,7 +164,7 @@ class KernelSparseLinear(torch.autograd.Function):
     def forward(ctx, x, bias, weight_fn, scales, n_drops, *factors):  # type: ignore[override]
         dtype = compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False), torch.no_grad():
-            weight, taus = _summed_deltas(factors, scales, n_drops, None)
+            weight, taus = _summed_deltas(factors, scales, n_drops)
             weight = weight.to(dtype).add_(weight_fn().to(dtype))
             out = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
         del weight
@@ -174,20 +179,25 @@ class KernelSparseLinear(torch.autograd.Function):
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         grads: list[Optional[torch.Tensor]] = [None] * len(factors)
         with torch.autocast(device_type=x.device.type, enabled=False):
+            # ∂L/∂ΔW_s, shared by all adapters; each adapter's kernel is evaluated once for its grads and for ∂x
+            dense_grad = g2.float().t() @ x.reshape(-1, x.shape[-1]).float() if any(needs) else None
+            total: Optional[torch.Tensor] = None
+            for i, scale in enumerate(ctx.scales):
+                wanted = dense_grad if needs[2 * i] or needs[2 * i + 1] else None
+                if wanted is None and not needs_x:
+                    continue
+                a, b = factors[2 * i], factors[2 * i + 1]
+                delta_s, grads[2 * i], grads[2 * i + 1] = _adapter_backward(wanted, a, b, scale, taus[i], torch.float32)
+                if needs_x:
+                    total = delta_s if total is None else total.add_(delta_s)
+                del delta_s
+            del dense_grad
             grad_x = None
-            if needs_x:
-                with torch.no_grad():
-                    weight, _ = _summed_deltas(factors, ctx.scales, ctx.n_drops, taus)
-                    weight = weight.to(ctx.dtype).add_(ctx.weight_fn().to(ctx.dtype))
+            if total is not None:
+                weight = total.to(ctx.dtype).add_(ctx.weight_fn().to(ctx.dtype))
+                del total
                 grad_x = (g2.to(ctx.dtype) @ weight).reshape(x.shape).to(x.dtype)
                 del weight
-            if any(needs):
-                dense_grad = g2.float().t() @ x.reshape(-1, x.shape[-1]).float()  # ∂L/∂ΔW_s, shared by all adapters
-                for i, scale in enumerate(ctx.scales):
-                    if needs[2 * i] or needs[2 * i + 1]:
-                        a, b = factors[2 * i], factors[2 * i + 1]
-                        grads[2 * i], grads[2 * i + 1] = _factor_grads(dense_grad, a, b, scale, taus[i])
-                del dense_grad
             grad_bias = g2.sum(0).to(ctx.dtype) if needs_bias else None
         return (grad_x, grad_bias, None, None, None, *grads)
 

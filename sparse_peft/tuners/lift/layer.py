@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 
 from ...sparse.regrow import remap_parameter, source_map
-from ...sparse.select import principal_score_and_basis, topk_positions, warm_principal_score
+from ...sparse.select import principal_score, principal_score_and_basis, topk_positions, warm_principal_score
 from ..base import from_checkpoint
 from ..sparse_delta import SparseDeltaLinear
 from .config import LiftConfig
@@ -67,9 +67,7 @@ class LiftLinear(SparseDeltaLinear):
             )
         else:
             randomized = config.refresh_svd == "randomized"
-            score = principal_score_and_basis(
-                weight, config.filter_rank, randomized=randomized, niter=config.svd_niter, seed=config.seed
-            )[0]
+            score = principal_score(weight, config.filter_rank, randomized, niter=config.svd_niter, seed=config.seed)
         return topk_positions(score, k, seed=config.seed)
 
     def _base_score(self, config: LiftConfig, adapter_name: str) -> torch.Tensor:
