@@ -444,6 +444,8 @@ def train(args: argparse.Namespace) -> int:
         "after": _metrics(after),
         "trainable_parameters": trainable,
         "trainable_parameters_at_start": trainable_start,
+        "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
+        "grad_norm_curve": [[h["step"], h["grad_norm"]] for h in trainer.state.log_history if "grad_norm" in h],
         "median_step_seconds": step_median,
         "train_seconds": sum(timer.times),  # every optimizer step, mask refreshes and other callbacks included
         "max_step_seconds": max(timer.times, default=float("nan")),

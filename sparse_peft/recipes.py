@@ -138,7 +138,7 @@ def run(kind: str, argv: list[str]) -> int:
 
         print(f"pruned {script.prune}: {pruner(parse_prune_spec(script.prune), tokenizer, train_set)(model)}")
     before = _evaluate(model, tokenizer, eval_set, "before")
-    if kind == "dpo" and not type(peft_config).identity_at_init and not script.wrap_first:
+    if kind == "dpo" and not peft_config.starts_as_identity and not script.wrap_first:
         print(f"{script.method}: a fresh adapter is not the identity, so the DPO reference is a frozen copy of it")
         script.wrap_first = True
     if kind == "dpo" and script.wrap_first:

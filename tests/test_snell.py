@@ -229,8 +229,70 @@ def test_quantized_4bit_base_trains(base_dir):
         ({"kernel_scale": 0}, "kernel_scale must be positive"),
         ({"dropout": 1.0}, "dropout"),
         ({"r": 0}, "r must be"),
+        ({"init_weights": "zeros"}, "init_weights must be True, False or .identity."),
     ],
 )
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SnellConfig(**kwargs)
+
+
+def test_init_scale_is_kaiming_on_the_whole_factor_tensors():
+    """The reference's ``kaiming_uniform_(a=√5)`` on ``(2, in, r/2)`` / ``(2, out, r/2)``: bound ``1/√(in·r/2)``
+    resp. ``1/√(out·r/2)``, and the uniform's standard deviation ``bound/√3``."""
+    model = get_peft_model(tiny_llama(), SnellConfig(r=8, sparsity=0.7))
+    for layer in snell_layers(model):
+        for factor, fan in ((layer.sparse_peft_snell_A["default"], layer.in_features),
+                            (layer.sparse_peft_snell_B["default"], layer.out_features)):  # fmt: skip
+            bound = 1.0 / (fan * 4) ** 0.5
+            assert factor.abs().max() <= bound
+            assert factor.std().item() == pytest.approx(bound / 3**0.5, rel=0.1)
+
+
+def test_per_layer_seeds_differ_and_are_reproducible():
+    first = snell_layers(get_peft_model(tiny_llama(), SnellConfig(r=4, sparsity=0.7)))
+    again = snell_layers(get_peft_model(tiny_llama(), SnellConfig(r=4, sparsity=0.7)))
+    same_shape = [layer for layer in first if layer.shape == first[0].shape]
+    assert len(same_shape) >= 2
+    a = [layer.sparse_peft_snell_A["default"] for layer in same_shape]
+    assert not torch.equal(a[0], a[1])
+    for x, y in zip(first, again, strict=True):
+        assert torch.equal(x.sparse_peft_snell_A["default"], y.sparse_peft_snell_A["default"])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_identity_init_is_exact_and_trains(dropout, tmp_path):
+    base = tiny_llama()
+    reference = base(INPUT).logits.detach()
+    model = get_peft_model(base, SnellConfig(r=4, sparsity=0.7, init_weights="identity", dropout=dropout))
+    assert model.peft_config["default"].starts_as_identity
+    model.eval()
+    assert torch.equal(model(INPUT).logits, reference)
+    model.train()
+    layer = snell_layers(model)[0]
+    before = layer.sparse_peft_snell_A["default"].detach().clone()
+    losses = train_steps(model, steps=3)
+    assert losses[-1] < losses[0]
+    assert not torch.equal(layer.sparse_peft_snell_A["default"], before)
+    assert not layer.sparse_peft_snell_A0["default"].requires_grad
+    assert torch.equal(layer.sparse_peft_snell_A0["default"], before)  # the frozen copy never moves
+    model.eval()
+    out = model(INPUT).logits.detach()
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.allclose(reloaded(INPUT).logits, out, atol=1e-6)
+    merged = model.merge_and_unload()
+    assert torch.allclose(merged(INPUT).logits, out, atol=1e-4)
+
+
+def test_default_init_is_not_identity_but_small():
+    """The paper's init: ΔW_s ≠ 0 at step 0, ‖ΔW_s‖_F of order 1e-3 on a 576² matrix (the reference's scale)."""
+    from sparse_peft.sparse.kernel_delta import sparse_kernel_weight
+    from sparse_peft.tuners.snell.layer import init_factors
+
+    a, b = init_factors(576, 576, 8, True, seed=0)
+    norm = sparse_kernel_weight(a, b, 0.1, round(0.9 * 576 * 576)).norm().item()
+    assert 1e-4 < norm < 1e-2
+    big_a, big_b = init_factors(576, 576, 8, False, seed=0)
+    assert sparse_kernel_weight(big_a, big_b, 0.1, round(0.9 * 576 * 576)).norm().item() > 100 * norm
+    assert not SnellConfig().starts_as_identity

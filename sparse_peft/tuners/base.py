@@ -70,6 +70,11 @@ class SparseConfig(PeftConfig):
         default=__version__, metadata={"help": "Version of sparse_peft that created the adapter (provenance)."}
     )
 
+    @property
+    def starts_as_identity(self) -> bool:
+        """Whether a fresh adapter of this config leaves the model's outputs unchanged."""
+        return type(self).identity_at_init
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = getattr(PeftType, f"SPARSE_PEFT_{self.method.upper()}")

@@ -10,6 +10,7 @@ into the weight and keeps for unmerge.
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
@@ -51,6 +52,11 @@ class SparseLayerBase(nn.Module, BaseTunerLayer):
     @property
     def numel(self) -> int:
         return self.out_features * self.in_features
+
+    def module_seed(self, seed: int) -> int:
+        """``seed + crc32(module name)``: the same on every rank and every run, different between modules (so
+        same-shaped layers do not start from identical random draws)."""
+        return seed + zlib.crc32(self.module_name.encode())
 
     def _weight_device(self) -> torch.device:
         """Where new adapter tensors go: the base weight's device (CPU when the base layer has no ``weight``)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -97,10 +96,6 @@ class RosaLinear(SparseDeltaLinear):
             setattr(self, f"{p}lora_B", nn.ParameterDict({}))
             setattr(self, f"{p}mask_ready", BufferDict({}, persistent=True))
 
-    def _layer_seed(self, config: RosaConfig) -> int:
-        """A seed for this module: the same on every rank and every run, different between modules."""
-        return config.seed + zlib.crc32(self.module_name.encode())
-
     # ---- budget and initial mask -------------------------------------------------------------------------
     min_budget = 0  # density 0 (schedule "lora_only") gives an empty sparse part
 
@@ -116,14 +111,14 @@ class RosaLinear(SparseDeltaLinear):
         if config.mask_path is not None:
             return read_mask(config.mask_path, self.module_name, self.shape, k)
         if not config.init_weights:
-            return topk_positions(random_score(self.shape, self._layer_seed(config)), k, seed=config.seed)
+            return topk_positions(random_score(self.shape, self.module_seed(config.seed)), k, seed=config.seed)
         return torch.arange(k, dtype=torch.int64) * (self.numel // k)
 
     def update_layer(self, adapter_name: str, config: RosaConfig, **kwargs: Any) -> None:
         self._init_rosa_containers()
         device = self._weight_device()
         if config.r > 0:
-            generator = torch.Generator().manual_seed(self._layer_seed(config))
+            generator = torch.Generator().manual_seed(self.module_seed(config.seed))
             bound = 1.0 / self.in_features**0.5  # nn.init.kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT's LoRA
             a = (torch.rand(config.r, self.in_features, generator=generator) * 2 - 1) * bound
             b = torch.zeros(self.out_features, config.r)
@@ -241,7 +236,7 @@ class RosaLinear(SparseDeltaLinear):
         if config.mask_score == "magnitude":
             score = magnitude_score(self.base_weight_float())  # transient (out x in) dequantized copy
         else:
-            score = random_score(self.shape, self._layer_seed(config))
+            score = random_score(self.shape, self.module_seed(config.seed))
         return topk_positions(score, k, seed=config.seed)
 
     def _observer(self, adapter_name: str):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Union
 
 from ..base import SparseConfig
 
@@ -18,9 +18,21 @@ class SnellConfig(SparseConfig):
     the ``sparsity``-quantile of ``|ΔW|`` survive, each weighted by its own detached magnitude (the competition):
     ``ΔW_s = ΔW ⊙ stopgrad(|ΔW|) ⊙ 1[|ΔW| > τ]``.
 
-    The adapter is never exactly the identity: ``ΔW = 0`` is a fixed point of the magnitude weighting (no gradient
-    reaches the factors there), so the factors start Kaiming-uniform as in the reference code and ``ΔW_s`` starts
-    small but non-zero. ``init_weights`` therefore has no effect.
+    Initialisation (``init_weights``):
+
+    * ``True`` (default, the paper's and the reference code's): each factor tensor Kaiming-uniform (``a=√5``) as a
+      whole 3-D tensor, so PyTorch's fan-in is ``in·r/2`` (``A``) and ``out·r/2`` (``B``) and the bound
+      ``1/√fan_in`` (0.0147 for ``in = 576``, ``r = 16``). ``ΔW_s`` starts tiny but not zero (``‖ΔW_s‖_F ≈ 1e-3``
+      on a 576² matrix): ``ΔW = 0`` is a fixed point of the magnitude weighting (no gradient reaches the factors
+      there), so the update cannot start at exactly zero.
+    * ``"identity"``: the same factors, plus a frozen copy ``(A⁰, B⁰)`` of them whose ``ΔW_s`` is subtracted:
+      ``ΔW_s(A, B) − ΔW_s(A⁰, B⁰)``, exactly zero at step 0 while the trainable factors get the paper's gradients.
+      It costs one more kernel evaluation per pass and stores the copy (saved with the adapter).
+    * ``False``: each 2-D slice Kaiming-uniform on its own (fan-in ``r/2``, factors ~25-40x larger): a visibly
+      non-zero delta for tests, not for training.
+
+    Each layer draws its factors from its own seed (``seed`` + a hash of the module name), so same-shaped layers
+    start from different factors.
 
     SNELLA's learnable kernel terms and per-layer sparsity allocation are not implemented.
 
@@ -32,12 +44,24 @@ class SnellConfig(SparseConfig):
     """
 
     method: ClassVar[str] = "snell"
-    identity_at_init: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = False  # the default init; init_weights="identity" is (starts_as_identity)
 
     r: int = field(default=8, metadata={"help": "LoRA-equivalent rank (even); two factor pairs of rank r/2."})
     sparsity: float = field(default=0.9, metadata={"help": "Fraction of ΔW zeroed at every forward, in [0, 1)."})
     kernel_scale: float = field(default=0.1, metadata={"help": "Fixed scale c of the distance kernel."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the input of the SNELL branch."})
+    init_weights: Union[bool, str] = field(
+        default=True,
+        metadata={
+            "help": "True: the paper's init (tiny non-zero delta). 'identity': also subtract a frozen copy of the "
+            "initial delta, so the adapter starts as the identity. False: large per-slice init, for tests."
+        },
+    )
+
+    @property
+    def starts_as_identity(self) -> bool:
+        """Whether a fresh adapter leaves the model's outputs unchanged (only with ``init_weights="identity"``)."""
+        return self.init_weights == "identity"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,5 +73,7 @@ class SnellConfig(SparseConfig):
             raise ValueError(f"{owner}.sparsity must be in [0, 1), got {self.sparsity!r}; e.g. 0.9 keeps 10% of ΔW")
         if not float(self.kernel_scale) > 0.0:
             raise ValueError(f"{owner}.kernel_scale must be positive, got {self.kernel_scale!r}")
+        if self.init_weights not in (True, False, "identity"):
+            raise ValueError(f"{owner}.init_weights must be True, False or 'identity', got {self.init_weights!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"{owner}.dropout must be in [0, 1), got {self.dropout!r}")

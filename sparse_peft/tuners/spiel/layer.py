@@ -68,7 +68,7 @@ class SpielLinear(SparseDeltaLinear):
 
     def select(self, config: SpielConfig, adapter_name: str, k: int) -> torch.Tensor:
         """A seeded uniform random k-subset (the first selection replaces it completely)."""
-        return topk_positions(random_score(self.shape, config.seed), k, seed=config.seed)
+        return topk_positions(random_score(self.shape, self.module_seed(config.seed)), k, seed=config.seed)
 
     # ---- schedule ------------------------------------------------------------------------------------------
     def _total(self, config: SpielConfig, context: Any) -> int:
