@@ -17,6 +17,7 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from ._version import __version__
 from .callbacks import ScheduleContext, SparsePeftCallback, before_optimizer_step, begin_step, refresh_masks
 from .compat import delete_adapter
+from .groups import param_groups, use_param_groups
 from .optim import SparseSM3
 from .prune import PruneSpec, magnitude_prune, measure_sparsity, parse_prune_spec, prune_model, wanda_prune
 from .registry import install_io_guards, register_method
@@ -115,11 +116,13 @@ __all__ = [
     "lors_gradient_init",
     "magnitude_prune",
     "measure_sparsity",
+    "param_groups",
     "parse_prune_spec",
     "prune_model",
     "refresh_masks",
     "rosa_param_groups",
     "save_rosa_masks",
+    "use_param_groups",
     "use_rosa_learning_rates",
     "wanda_prune",
 ]

@@ -14,6 +14,7 @@ Decisions are pure functions of the weights, of statistics that are all-reduced 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
+
+from .groups import keep_constant_rates, misplaced_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +63,12 @@ def begin_step(model: nn.Module, step: int, context: ScheduleContext | None = No
             layer.on_step_begin(name, step, context)
 
 
-def before_optimizer_step(model: nn.Module, context: ScheduleContext | None = None) -> None:
-    """Call once gradients are final (after clipping) and before ``optimizer.step()`` in a custom loop."""
+def before_optimizer_step(
+    model: nn.Module, context: ScheduleContext | None = None, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Call once gradients are final (after clipping) and before ``optimizer.step()`` in a custom loop. Given the
+    ``optimizer``, it also sets constant-rate groups (:func:`sparse_peft.param_groups`) back to their rate."""
+    keep_constant_rates(optimizer)
     context = context or ScheduleContext()
     for _, layer in sparse_layers(model):
         for name in _scheduled(layer):
@@ -110,6 +117,8 @@ class SparsePeftCallback(TrainerCallback, ExportableState):
         if model is not None and callable(getattr(inner, "bind", None)) and not getattr(inner, "bound", True):
             inner.bind(model)
         self._context = ScheduleContext(total_steps=state.max_steps, group=_stats_group())
+        if model is not None:
+            _warn_misplaced(model, optimizer)
         if model is not None and state.global_step == 0:
             _sync_reference(model)
         saved = self.window_state or _saved_window_state(state)
@@ -127,7 +136,7 @@ class SparsePeftCallback(TrainerCallback, ExportableState):
     ):
         model = kwargs.get("model")
         if model is not None:
-            before_optimizer_step(model, self._context)
+            before_optimizer_step(model, self._context, kwargs.get("optimizer"))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         model = kwargs.get("model")
@@ -140,6 +149,19 @@ class SparsePeftCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         saved = collect_window_state(self._model) if self._model is not None else {}
         return {"args": {}, "attributes": {"window_state": saved}}
+
+
+def _warn_misplaced(model: nn.Module, optimizer: Any) -> None:
+    """Warn when the trainer's optimizer trains parameters with other settings than their method asks for."""
+    roles = misplaced_parameters(model, optimizer)
+    if roles:
+        message = (
+            f"the optimizer trains {', '.join(roles)} with the trainer's learning rate and schedule instead of their "
+            f"own settings (e.g. diff pruning's gate_lr): call sparse_peft.use_param_groups(trainer) before "
+            f"trainer.train(), or build the optimizer over sparse_peft.param_groups(model, lr=...)"
+        )
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _sync_reference(model: nn.Module) -> None:

@@ -25,6 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from . import METHODS, SparsePeftCallback
+from .groups import declared_settings, use_param_groups
 from .prune import PruneSpec, calibration_batches, measure_sparsity, merged_sparsity, parse_prune_spec, prune_model
 from .tuners.rosa import use_rosa_learning_rates
 from .tuners.sparse_delta import SparseDeltaLinear
@@ -398,6 +399,8 @@ def train(args: argparse.Namespace) -> int:
     sparse_lr = sparse_learning_rate(args)
     if sparse_lr is not None:
         use_rosa_learning_rates(trainer, sparse_lr)
+    elif declared_settings(peft_model):  # e.g. diff pruning's gate logits: their own rate, constant
+        use_param_groups(trainer)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.3%})", flush=True)

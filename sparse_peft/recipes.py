@@ -156,6 +156,11 @@ def run(kind: str, argv: list[str]) -> int:
         from .tuners.rosa import use_rosa_learning_rates
 
         use_rosa_learning_rates(trainer, script.sparse_learning_rate)
+    else:
+        from .groups import declared_settings, use_param_groups
+
+        if declared_settings(trainer.model):  # e.g. diff pruning's gate logits: their own rate, constant
+            use_param_groups(trainer)
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     after = _evaluate(trainer.model, tokenizer, eval_set, "after")
     adapter_dir = Path(training.output_dir) / "adapter"

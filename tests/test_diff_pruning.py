@@ -19,9 +19,13 @@ from sparse_peft import (
     SparsePeftCallback,
     before_optimizer_step,
     begin_step,
+    param_groups,
     refresh_masks,
+    use_param_groups,
 )
 from sparse_peft.cli import build_config, build_parser
+from sparse_peft.groups import CONSTANT_LR
+from sparse_peft.sparse.hard_concrete import expected_l0
 
 
 def dp_layers(model):
@@ -247,12 +251,13 @@ def test_sft_trainer_penalty_and_projection(tmp_path):
         args=args,
         processing_class=char_tokenizer(),
         train_dataset=Dataset.from_dict({"text": ["hello world", "sparse diffs", "abc def", "one two"]}),
-        peft_config=config(l0_lambda=1.0, projection_step=2),
+        peft_config=config(l0_lambda=1.0, projection_step=2, gate_lr=0.05),
         callbacks=[SparsePeftCallback(), Snapshot()],
     )
+    use_param_groups(trainer)
     trainer.train()
-    # step 1: the data gradient of log α is 0 (w starts at 0), so only the penalty moved it, downwards by ~lr
-    assert torch.allclose(seen["log_alpha"], torch.full_like(seen["log_alpha"], 5.0 - 1e-2), atol=1e-4)
+    # step 1: the data gradient of log α is 0 (w starts at 0), so only the penalty moved it, downwards by ~gate_lr
+    assert torch.allclose(seen["log_alpha"], torch.full_like(seen["log_alpha"], 5.0 - 0.05), atol=1e-4)
     layers = dp_layers(trainer.model)
     assert all(layer.stage("default") == 3 for layer in layers)
     inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
@@ -268,8 +273,76 @@ def test_config_errors_and_cli_alias():
         ({"gate_left": 0.5}, "gate_left < 0 and gate_right > 1"),
         ({"gate_temperature": 0.0}, "gate_temperature must be positive"),
         ({"finetune_init": "zero"}, "finetune_init must be"),
+        ({"gate_lr": 0.0}, "gate_lr must be positive or None"),
     ]:
         with pytest.raises(ValueError, match=match):
             DiffPruningConfig(**kwargs)
     assert build_parser().parse_args(["train", "--method", "diff-pruning"]).method == "diff_pruning"
     assert isinstance(build_config("diff-pruning", {}), DiffPruningConfig)
+
+
+def _decaying_loop(model, steps, lr, optimizer):
+    """A plain loop under a linearly decaying schedule, keeping constant-rate groups through the hook."""
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    model.train()
+    for step in range(1, steps + 1):
+        begin_step(model, step)
+        model(INPUT, labels=INPUT).loss.backward()
+        before_optimizer_step(model, optimizer=optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+    model.eval()
+
+
+def test_gate_logits_train_in_their_own_constant_group():
+    model = get_peft_model(tiny_llama(), config(l0_lambda=0.0))
+    groups = param_groups(model, lr=1e-3, weight_decay=0.01)
+    assert [(g["lr"], g["weight_decay"], CONSTANT_LR in g) for g in groups] == [(1e-3, 0.01, False), (0.1, 0.0, True)]
+    layer = dp_layers(model)[0]
+    assert {id(p) for p in groups[1]["params"]} == {id(m.log_alpha["default"]) for m in dp_layers(model)}
+    optimizer = torch.optim.AdamW(groups)
+    _decaying_loop(model, steps=10, lr=1e-3, optimizer=optimizer)
+    assert optimizer.param_groups[1]["lr"] == 0.0 == optimizer.param_groups[0]["lr"]  # the schedule's last value
+    before_optimizer_step(model, optimizer=optimizer)
+    assert optimizer.param_groups[1]["lr"] == 0.1 and optimizer.param_groups[0]["lr"] == 0.0
+    moved = (layer.log_alpha["default"] - 5.0).abs().max().item()
+    single = get_peft_model(tiny_llama(), config(l0_lambda=0.0, gate_lr=None))
+    assert len(param_groups(single, lr=1e-3)) == 1
+    _decaying_loop(single, 10, 1e-3, torch.optim.AdamW(param_groups(single, lr=1e-3)))
+    moved_single = (dp_layers(single)[0].log_alpha["default"] - 5.0).abs().max().item()
+    assert moved > 0.3 and moved_single < 0.02  # at w's rate the gates barely move: the issue's defect
+
+
+def test_l0_penalty_lowers_the_expected_density():
+    def expected_density(l0_lambda):
+        model = get_peft_model(tiny_llama(), config(l0_lambda=l0_lambda, gate_lr=0.3))
+        _decaying_loop(model, 15, 1e-3, torch.optim.AdamW(param_groups(model, lr=1e-3)))
+        layers = dp_layers(model)
+        counts = sum(expected_l0(m.log_alpha["default"], -1.5, 1.5, 1.0).sum().item() for m in layers)
+        return counts / sum(m.numel for m in layers)
+
+    free, penalised = expected_density(0.0), expected_density(1e-3)
+    assert penalised < free - 0.1, (free, penalised)
+
+
+def test_trainer_without_the_gate_group_warns(tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+        save_strategy="no", max_length=32, use_cpu=True, bf16=False, fp16=False, disable_tqdm=True,
+    )  # fmt: skip
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    trainer = SFTTrainer(
+        model=str(base),
+        args=args,
+        processing_class=char_tokenizer(),
+        train_dataset=Dataset.from_dict({"text": ["hello world", "sparse diffs"]}),
+        peft_config=config(),
+        callbacks=[SparsePeftCallback()],
+    )
+    with pytest.warns(UserWarning, match=r"diff pruning gate logits .*use_param_groups\(trainer\)"):
+        trainer.train()

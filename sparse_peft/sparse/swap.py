@@ -17,7 +17,8 @@ from .regrow import unwrap_optimizer
 def replace_parameters(
     optimizer: torch.optim.Optimizer | None, old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]
 ) -> bool:
-    """Remove ``old`` from ``optimizer`` (groups and state) and insert ``new`` where the first of them was.
+    """Remove ``old`` from ``optimizer`` (every group holding any of them, and the state) and insert ``new`` where
+    the first of them was (so ``new`` gets that group's settings and schedule).
 
     Returns False (and changes nothing) when none of ``old`` is in the optimizer, e.g. an inactive adapter. Fresh
     parameters start without state (Adam's moments are created at their first step).
@@ -26,15 +27,19 @@ def replace_parameters(
         return False
     inner = unwrap_optimizer(optimizer)
     old_ids = {id(p) for p in old}
+    placed = False
     for group in inner.param_groups:
         params = group["params"]
         hits = [i for i, p in enumerate(params) if id(p) in old_ids]
         if not hits:
             continue
-        before = sum(1 for p in params[: hits[0]] if id(p) not in old_ids)
         kept = [p for p in params if id(p) not in old_ids]
-        group["params"] = kept[:before] + list(new) + kept[before:]
+        if not placed:
+            before = sum(1 for p in params[: hits[0]] if id(p) not in old_ids)
+            kept = kept[:before] + list(new) + kept[before:]
+            placed = True
+        group["params"] = kept
+    if placed:
         for p in old:
             inner.state.pop(p, None)
-        return True
-    return False
+    return placed

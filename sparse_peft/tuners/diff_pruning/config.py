@@ -31,6 +31,11 @@ class DiffPruningConfig(SparseConfig):
         log_alpha_init: initial gate logit (5 in the paper: gates start open).
         gate_left, gate_right: stretch limits ``l < 0`` and ``r > 1`` of the hard-concrete gate (−1.5, 1.5).
         gate_temperature: ``β`` of the hard-concrete distribution (1 in the reference code).
+        gate_lr: learning rate of the gate logits, constant and without weight decay (the paper: ``α`` at 0.1 with
+            its own optimizer whose schedule never steps, ``w`` at 1e-5 with linear decay; weight decay would pull
+            ``log α`` to 0 and close the gates). The gates get this group from :func:`sparse_peft.param_groups` /
+            :func:`sparse_peft.use_param_groups`; ``None`` trains them with ``w``'s settings (at ``w``'s rate the
+            logits barely move from ``log_alpha_init``: ~0.02 in 50 steps, so the L0 penalty does nothing).
         structured: add one gate per matrix (the paper's structured diff pruning).
         finetune_init: stage-3 start values: ``"gated"`` (``z̄·w``, the projected function itself) or ``"raw"``
             (``w``, as the reference code does).
@@ -49,6 +54,9 @@ class DiffPruningConfig(SparseConfig):
     gate_left: float = field(default=-1.5, metadata={"help": "Stretch limit l < 0 of the hard-concrete gate."})
     gate_right: float = field(default=1.5, metadata={"help": "Stretch limit r > 1 of the hard-concrete gate."})
     gate_temperature: float = field(default=1.0, metadata={"help": "Temperature β of the hard-concrete gate."})
+    gate_lr: Optional[float] = field(
+        default=0.1, metadata={"help": "Constant learning rate of the gate logits, no weight decay (None: as w)."}
+    )
     structured: bool = field(default=False, metadata={"help": "One extra gate per matrix (structured variant)."})
     finetune_init: Literal["gated", "raw"] = field(
         default="gated", metadata={"help": "Stage-3 start values: 'gated' (z̄·w) or 'raw' (w)."}
@@ -72,5 +80,7 @@ class DiffPruningConfig(SparseConfig):
             )
         if not float(self.gate_temperature) > 0.0:
             raise ValueError(f"{owner}.gate_temperature must be positive, got {self.gate_temperature!r}")
+        if self.gate_lr is not None and not float(self.gate_lr) > 0.0:
+            raise ValueError(f"{owner}.gate_lr must be positive or None, got {self.gate_lr!r}; the paper uses 0.1")
         if self.finetune_init not in ("gated", "raw"):
             raise ValueError(f"{owner}.finetune_init must be 'gated' or 'raw', got {self.finetune_init!r}")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from ...groups import CONSTANT_LR, ROLE
 from ...sparse.delta import index_dtype
 from ...sparse.hard_concrete import deterministic_gate, expected_l0, sample_gate
 from ...sparse.swap import replace_parameters
@@ -102,6 +103,19 @@ class DiffPruningLinear(SparseDeltaLinear):
         self.frozen_values[adapter_name] = torch.zeros(0, device=device)
         self.frozen_indices[adapter_name] = torch.zeros(0, dtype=index_dtype(self.numel), device=device)
         self._pattern_cache.pop(adapter_name, None)
+
+    def optimizer_settings(self) -> list[tuple[nn.Parameter, dict[str, Any]]]:
+        """Stage-1 gate logits train at ``gate_lr``, constant, without weight decay (see :mod:`sparse_peft.groups`)."""
+        settings = []
+        for name in self.log_alpha:
+            gate_lr = self.adapter_configs[name].gate_lr
+            if gate_lr is None:
+                continue
+            group = {"lr": gate_lr, "weight_decay": 0.0, CONSTANT_LR: gate_lr, ROLE: "diff pruning gate logits"}
+            settings.append((self.log_alpha[name], group))
+            if name in self.group_log_alpha:
+                settings.append((self.group_log_alpha[name], group))
+        return settings
 
     # ---- stage 1: gates, diff, penalty ---------------------------------------------------------------------
     def gate(self, adapter_name: str, sample: bool) -> torch.Tensor:

@@ -103,11 +103,7 @@ def use_rosa_learning_rates(trainer: Any, sparse_lr: float) -> None:
     """Give a transformers / TRL ``trainer`` (before ``train()``) the optimizer it would build itself (same class and
     settings from its ``args``) over :func:`rosa_param_groups`: the LoRA factors at ``args.learning_rate``, the sparse
     values at ``sparse_lr``. The trainer's schedule then scales both groups by the same factor."""
-    from transformers import Trainer
+    from ...groups import use_param_groups
 
     args = trainer.args
-    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, trainer.model)
-    kwargs = {key: value for key, value in kwargs.items() if key not in ("lr", "weight_decay")}
-    trainer.optimizer = optimizer_cls(
-        rosa_param_groups(trainer.model, args.learning_rate, sparse_lr, args.weight_decay), **kwargs
-    )
+    use_param_groups(trainer, rosa_param_groups(trainer.model, args.learning_rate, sparse_lr, args.weight_decay))
