@@ -15,6 +15,7 @@ from __future__ import annotations
 from peft import AutoPeftModelForCausalLM, PeftModel
 
 from ._version import __version__
+from .calibrate import calibrate
 from .callbacks import ScheduleContext, SparsePeftCallback, before_optimizer_step, begin_step, refresh_masks
 from .compat import delete_adapter
 from .groups import param_groups, use_param_groups
@@ -110,6 +111,7 @@ __all__ = [
     "__version__",
     "before_optimizer_step",
     "begin_step",
+    "calibrate",
     "calibrate_s2ft",
     "delete_adapter",
     "load_rosa_masks",

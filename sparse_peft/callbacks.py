@@ -25,6 +25,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from .calibrate import calibrate, calibration_layers, first_batches
 from .groups import keep_constant_rates, misplaced_parameters
 
 logger = logging.getLogger(__name__)
@@ -104,8 +105,9 @@ def _stats_group() -> Any:
 class SparsePeftCallback(TrainerCallback, ExportableState):
     """Runs the sparse methods' schedules: LIFT's mask refresh and SpIEL's windows and drop-and-regrow."""
 
-    def __init__(self, window_state: dict | None = None) -> None:
+    def __init__(self, window_state: dict | None = None, calibration_samples: int = 128) -> None:
         self.window_state = window_state or {}
+        self.calibration_samples = calibration_samples
         self._model: nn.Module | None = None
         self._context = ScheduleContext()
 
@@ -120,11 +122,38 @@ class SparsePeftCallback(TrainerCallback, ExportableState):
         if model is not None:
             _warn_misplaced(model, optimizer)
         if model is not None and state.global_step == 0:
+            self._calibrate(model, kwargs.get("train_dataloader"))
             _sync_reference(model)
         saved = self.window_state or _saved_window_state(state)
         if model is not None and saved and state.global_step > 0:
             restore_window_state(model, saved)
         self.window_state = {}
+
+    def _calibrate(self, model: nn.Module, dataloader: Any) -> None:
+        """The calibration pass (:func:`sparse_peft.calibrate`) on the first ``calibration_samples`` training
+        examples, for the active adapters' layers that still need one and can take it now (LoRS's gradient init,
+        S²FT's data-driven units). Every rank calibrates on its own batches; the statistics are summed."""
+        active = _active_adapter_names(model)
+        pending = [name for name in active if calibration_layers(model, name, train_begin=True)]
+        if not pending or dataloader is None:
+            return
+        batches = first_batches(dataloader, self.calibration_samples)
+        if not batches or "input_ids" not in batches[0]:
+            message = (
+                f"adapter(s) {pending} need a calibration pass, but this trainer's batches hold no input_ids "
+                f"(e.g. DPO pairs): call sparse_peft.calibrate(model, batches) with a few tokenized batches before "
+                f"training"
+            )
+            logger.warning(message)
+            warnings.warn(message, UserWarning, stacklevel=3)
+            return
+        seen = sum(len(batch["input_ids"]) for batch in batches)
+        was_training = model.training
+        model.train()
+        for name in pending:
+            done = calibrate(model, batches, name, self._context.group, train_begin=True)
+            logger.info("calibrated adapter %r on %d examples: %s", name, seen, done)
+        model.train(was_training)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         model = kwargs.get("model")
@@ -149,6 +178,16 @@ class SparsePeftCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         saved = collect_window_state(self._model) if self._model is not None else {}
         return {"args": {}, "attributes": {"window_state": saved}}
+
+
+def _active_adapter_names(model: nn.Module) -> list[str]:
+    names: list[str] = []
+    for _, layer in sparse_layers(model):
+        names += [name for name in _scheduled(layer) if name not in names]
+    for module in model.modules():
+        if callable(getattr(module, "calibration_mode", None)) and hasattr(module, "active_adapters"):
+            names += [name for name in module.active_adapters if name not in names]
+    return names
 
 
 def _warn_misplaced(model: nn.Module, optimizer: Any) -> None:

@@ -25,6 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from . import METHODS, SparsePeftCallback
+from .calibrate import calibrate, calibration_layers, first_batches
 from .groups import declared_settings, use_param_groups
 from .prune import PruneSpec, calibration_batches, measure_sparsity, merged_sparsity, parse_prune_spec, prune_model
 from .tuners.rosa import use_rosa_learning_rates
@@ -321,6 +322,28 @@ def quantized_copy(model: torch.nn.Module, bits: str) -> torch.nn.Module:
     return quantized
 
 
+def calibration_samples(config: Any, batch_size: int) -> int:
+    """Examples for the calibration pass: SMT's warm-up (``warmup_steps`` batches), else 128 (LoRS's reference)."""
+    steps = getattr(config, "warmup_steps", None) if config is not None and config.method == "smt" else None
+    return steps * batch_size if steps else 128
+
+
+def calibrate_before_training(trainer: Any, config: Any, batch_size: int) -> dict[str, Any] | None:
+    """Run the calibration pass (:func:`sparse_peft.calibrate`) on the first training batches, before the trainer
+    builds its optimizer; None when no layer asks for one (LoRA, LIFT, ...)."""
+    model = trainer.model
+    if config is None or not calibration_layers(model):
+        return None
+    samples = calibration_samples(config, batch_size)
+    start = time.perf_counter()
+    batches = first_batches(trainer.get_train_dataloader(), samples)
+    model.train()
+    done = calibrate(model, batches)
+    seconds = time.perf_counter() - start
+    print(f"calibration pass on {samples} examples in {seconds:.1f} s: {done}", flush=True)
+    return {"samples": samples, "seconds": seconds, "layers": done}
+
+
 def sparse_learning_rate(args: argparse.Namespace) -> float | None:
     """RoSA's learning rate for its sparse values: ``--sparse-lr``, else the main-job default (None: one rate)."""
     return args.sparse_lr if args.sparse_lr is not None else MAIN_JOB_SPARSE_LR.get(args.method)
@@ -396,6 +419,7 @@ def train(args: argparse.Namespace) -> int:
         callbacks=[SparsePeftCallback(), timer],
     )
     peft_model = trainer.model
+    calibration = calibrate_before_training(trainer, config, args.batch_size)
     sparse_lr = sparse_learning_rate(args)
     if sparse_lr is not None:
         use_rosa_learning_rates(trainer, sparse_lr)
@@ -447,6 +471,7 @@ def train(args: argparse.Namespace) -> int:
         "after": _metrics(after),
         "trainable_parameters": trainable,
         "trainable_parameters_at_start": trainable_start,
+        "calibration": calibration,
         "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
         "grad_norm_curve": [[h["step"], h["grad_norm"]] for h in trainer.state.log_history if "grad_norm" in h],
         "median_step_seconds": step_median,

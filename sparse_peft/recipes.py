@@ -152,6 +152,10 @@ def run(kind: str, argv: list[str]) -> int:
         peft_config=peft_config,
         callbacks=[SparsePeftCallback()],
     )
+    if kind == "sft":  # data-driven selections before the optimizer exists (DPO batches hold pairs, not input_ids)
+        from .cli import calibrate_before_training
+
+        calibrate_before_training(trainer, peft_config, training.per_device_train_batch_size)
     if script.sparse_learning_rate is not None:
         from .tuners.rosa import use_rosa_learning_rates
 

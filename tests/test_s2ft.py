@@ -48,8 +48,21 @@ def units(index: torch.Tensor, width: int) -> list[int]:
     return (blocks[:, 0] // width).tolist()
 
 
+def test_gqa_o_units_are_single_query_heads_by_default():
+    """On a GQA model (4 query heads, 2 KV heads) O can train one query head: a quarter of W_o's columns."""
+    model = make(o_ratio=0.25)
+    for layer in by_role(model, "o"):
+        spec = layer.specs["default"]
+        assert (spec.unit, spec.n_units, spec.count) == (HEAD_DIM, 4, 1)
+        assert layer.delta["default"].shape == (64, HEAD_DIM)
+        (head,) = units(layer.index["default"], HEAD_DIM)
+        assert 0 <= head < 4
+    train(model, steps=3)
+    assert all(layer.delta["default"].abs().sum() > 0 for layer in by_role(model, "o"))
+
+
 def test_gqa_units_are_kv_heads_and_kv_groups():
-    model = make()
+    model = make(o_unit="kv_group")
     for layer in by_role(model, "v"):
         spec = layer.specs["default"]
         assert (spec.unit, spec.n_units, spec.count) == (HEAD_DIM, 2, 1)
@@ -184,7 +197,7 @@ def test_gradient_calibration_matches_brute_force():
 
 def test_activation_calibration_and_uncalibrated_warning():
     model = make(selection="activation")
-    with pytest.warns(UserWarning, match="calibrate_s2ft"):
+    with pytest.warns(UserWarning, match=r"sparse_peft.calibrate\(model, batches\)"):
         model.train()
         model(INPUT, labels=INPUT)
     model = make(selection="activation")

@@ -69,7 +69,8 @@ def test_targets_and_fixed_storage():
 
 def test_warmup_leaves_model_unchanged_then_selects_global_top_n():
     model = make(max_blocks_per_matrix=9)  # no capacity limit: pure global top-n
-    before = model(INPUT).logits.detach()
+    with torch.no_grad():
+        before = model(INPUT).logits.detach()
     params = {id(l.blocks["default"]): l.blocks["default"] for l in smt_layers(model)}
     _, moved = run(model, steps=2)
     assert moved == [0, 5]
@@ -99,7 +100,10 @@ def test_only_selected_blocks_change_and_state_is_block_sized():
     optimizer, _ = run(model, steps=4)
     for layer in smt_layers(model):
         state = optimizer.state[layer.blocks["default"]]
-        assert state["exp_avg"].shape == layer.blocks["default"].shape
+        if layer.selected("default"):
+            assert state["exp_avg"].shape == layer.blocks["default"].shape
+        else:  # a matrix without blocks never trains, so it never gets optimizer state
+            assert not state
         w0 = layer.get_base_layer().weight.detach().clone()
         layer.merge()
         changed = (layer.get_base_layer().weight != w0).nonzero().tolist()
@@ -278,3 +282,59 @@ def test_budget_errors_name_the_fix():
         get_peft_model(tiny_llama(), SmtConfig(block_size=32, num_blocks=1000))
     with pytest.raises(ValueError, match="raise max_blocks_per_matrix"):
         get_peft_model(tiny_llama(), SmtConfig(block_size=32, num_blocks=10, max_blocks_per_matrix=1))
+
+
+def _brute_top(grads, layers, n):
+    scored = []
+    for layer in layers:
+        key = next(k for k in grads if layer.module_name.endswith(k))
+        s = block_scores(grads[key], 24, "mean_abs")
+        scored += [(float(s[r, c]), layer.module_name, r, c) for r in range(s.shape[0]) for c in range(s.shape[1])]
+    return {(name, r, c) for _, name, r, c in sorted(scored, reverse=True)[:n]}
+
+
+def test_calibration_selects_exactly_the_budget_without_a_per_matrix_cap():
+    from sparse_peft import calibrate
+
+    n = 12  # ⌈2n/M⌉ = 4 would cap a matrix at 4 blocks; the calibration pass has no such cap
+    model = make(num_blocks=n)
+    assert calibrate(model, [INPUT, INPUT]) == {"SmtLinear": 6}
+    layers = smt_layers(model)
+    chosen = {(l.module_name, r, c) for l in layers for r, c in l.positions["default"].tolist()}
+    assert chosen == _brute_top(dense_warmup_grads(2), layers, n)
+    assert sum(l.blocks["default"].shape[0] for l in layers) == n  # storage = the blocks used, every slot used
+    assert all((l.positions["default"] >= 0).all() for l in layers)
+    assert max(l.blocks["default"].shape[0] for l in layers) > -(-2 * n // 6)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == n * 24 * 24
+    assert all(p.grad is None for p in model.parameters())
+    optimizer, moved = run(model, steps=2)  # trains at once, in a plain loop too
+    assert moved == [0, 0]
+    assert all(optimizer.state[l.blocks["default"]]["step"] == 2 for l in layers if l.selected("default"))
+
+
+def test_first_adam_step_of_a_block_after_the_warmup_is_a_fresh_adam_step():
+    lr = 1e-2
+    model = make(warmup_steps=2)
+    optimizer, _ = run(model, steps=2, lr=lr)  # the warm-up, then the selection after step 2
+    before = {id(l): l.blocks["default"].detach().clone() for l in smt_layers(model)}
+    optimizer, _ = run(model, steps=1, start=3, optimizer=optimizer)
+    for layer in smt_layers(model):
+        if not layer.selected("default"):
+            continue
+        assert int(optimizer.state[layer.blocks["default"]]["step"]) == 1
+        change = (layer.blocks["default"].detach() - before[id(layer)]).abs()
+        moved = change[change > 0]
+        # a fresh AdamW's first step moves every entry with a gradient by lr·|g|/(|g| + eps): lr, except where
+        # |g| is within a few eps of 0 (an Adam that had counted the 2 warm-up steps would move by 0.51·lr)
+        assert moved.numel() and moved.max() <= lr * (1 + 1e-6)
+        assert (moved > 0.99 * lr).float().mean() > 0.95
+
+
+def test_default_config_in_a_plain_loop_fails_with_the_fix():
+    model = get_peft_model(tiny_llama(), SmtConfig(block_size=24, num_blocks=5))
+    model.train()
+    with pytest.raises(RuntimeError, match=r"calibrate\(model, batches\).*SparsePeftCallback.*begin_step"):
+        model(INPUT, labels=INPUT)
+    with torch.no_grad():  # inference is fine: nothing selected means the base model
+        model(INPUT)

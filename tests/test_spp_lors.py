@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -221,7 +222,8 @@ def test_lors_gradient_init_spans_the_top_singular_directions_of_the_masked_grad
             assert torch.allclose(a @ a.t(), torch.eye(2) / 4, atol=1e-5)
             top = torch.linalg.svd(gradients[name].double(), full_matrices=False).Vh[:2]
             overlap = torch.linalg.svdvals(2 * a.detach().double() @ top.t())
-            assert torch.allclose(overlap, torch.ones(2, dtype=torch.float64), atol=1e-3)
+            # a randomized SVD (q = 4r, 4 power iterations, seeded per module): cosines within 1e-2 of 1
+            assert torch.allclose(overlap, torch.ones(2, dtype=torch.float64), atol=1e-2)
     losses = train_steps(model, steps=3, lr=1e-2)
     assert losses[-1] < losses[0]
 
@@ -288,3 +290,63 @@ def test_cli_train_prunes_then_reports_sparsity_before_and_after_merge(method, p
     assert sparsity["before"]["sparsity"] == pytest.approx(0.5)
     assert sparsity["after_merge"]["sparsity"] == pytest.approx(0.5) and sparsity["zeros_kept_after_merge"] is True
     assert sparsity["after_merge"]["nm_holds"] is (True if prune == "2:4" else None)
+
+
+def test_lors_gradient_init_differs_from_kaiming_and_lowers_the_first_losses():
+    from sparse_peft import calibrate
+
+    kaiming = adapted("lors", r=2, init_lora_weights="kaiming")
+    gradient = adapted("lors", r=2)
+    assert gradient.peft_config["default"].init_lora_weights == "gradient"  # the paper's init is the default
+    a_kaiming = layers(kaiming)[0].factors("default")[0].detach().clone()
+    assert torch.equal(layers(gradient)[0].factors("default")[0], a_kaiming)  # same draw until calibrated
+    assert calibrate(gradient, [INPUT]) == {"LorsLinear": 14}
+    assert calibrate(gradient, [INPUT]) == {}  # done once
+    a_gradient = layers(gradient)[0].factors("default")[0].detach()
+    assert not torch.allclose(a_gradient, a_kaiming)
+    lr = 2e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # calibrated: no "not initialised from the gradient" warning
+        grad_losses = train_steps(gradient, steps=4, lr=lr)
+    kaiming_losses = train_steps(kaiming, steps=4, lr=lr)
+    assert grad_losses[0] == pytest.approx(kaiming_losses[0])  # both start as the identity (B = 0)
+    assert sum(grad_losses[1:]) < sum(kaiming_losses[1:])
+
+
+def test_lors_without_calibration_warns_and_trains_from_kaiming():
+    model = adapted("lors", r=2)
+    with pytest.warns(UserWarning, match=r"sparse_peft.calibrate\(model, batches\)"):
+        losses = train_steps(model, steps=3)
+    assert losses[-1] < losses[0]
+
+
+def test_sft_trainer_callback_calibrates_lors_on_the_first_batches(tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from sparse_peft import SparsePeftCallback
+
+    model = adapted("lors", r=2)
+    before = layers(model)[0].factors("default")[0].detach().clone()
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+        save_strategy="no", max_length=32, use_cpu=True, bf16=False, fp16=False, disable_tqdm=True,
+        learning_rate=1e-12,
+    )  # fmt: skip
+    from conftest import char_tokenizer
+
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        processing_class=char_tokenizer(),
+        train_dataset=Dataset.from_dict({"text": ["hello world", "sparse diffs", "abc def", "one two"]}),
+        callbacks=[SparsePeftCallback(calibration_samples=4)],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trainer.train()
+    layer = layers(trainer.model)[0]
+    assert not layer.uncalibrated
+    a = layer.factors("default")[0].detach()
+    assert not torch.allclose(a, before)
+    assert torch.allclose(a @ a.t(), torch.eye(2), atol=1e-3)  # orthonormal singular vectors (γ = 1), lr ≈ 0

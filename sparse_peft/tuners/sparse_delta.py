@@ -130,7 +130,7 @@ class SparseDeltaLinear(SparseLayerBase):
             positions = torch.arange(k, dtype=index_dtype(self.numel))
         else:
             positions = self.select(config, adapter_name, k).to(index_dtype(self.numel))
-        generator = torch.Generator().manual_seed(config.seed + 1)
+        generator = torch.Generator().manual_seed(self.module_seed(config.seed) + 1)
         init = torch.zeros(k) if config.init_weights else 0.02 * torch.randn(k, generator=generator)
         self.values[adapter_name] = nn.Parameter(init.to(device))
         self.indices[adapter_name] = positions.to(device)

@@ -79,7 +79,7 @@ class DiffPruningLinear(SparseDeltaLinear):
         if count is not None:
             self._allocate_sparse(adapter_name, torch.arange(count), torch.zeros(count))
         else:
-            generator = torch.Generator().manual_seed(config.seed + 1)
+            generator = torch.Generator().manual_seed(self.module_seed(config.seed) + 1)
             diff = (
                 torch.zeros(self.shape) if config.init_weights else 0.02 * torch.randn(self.shape, generator=generator)
             )

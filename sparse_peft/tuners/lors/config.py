@@ -27,6 +27,13 @@ class LorsConfig(SparseConfig):
             ``"straight_through"``: the reference code's gradient, plain LoRA gradients that ignore ``M``
             (``∂L/∂A = s·(g·B)ᵀx``, ``∂L/∂B = s·gᵀ(x·Aᵀ)``), which never forms an ``out x in`` tensor in backward.
             The reference also drops ``s`` there; we keep it (it only rescales Adam's inputs).
+        init_lora_weights: ``"gradient"`` (the paper's, LoRA-GA-like): ``A = (top-r right singular vectors of the
+            mean masked gradient ``Ḡ = mean_b(∂L/∂W_m) ⊙ M``)ᵀ / init_gamma`` and ``B = 0``, set by the calibration
+            pass (:func:`sparse_peft.calibrate`, which :class:`sparse_peft.SparsePeftCallback` runs on the first
+            training batches; the reference uses 128 samples); until then, and with ``"kaiming"``, ``A`` is
+            Kaiming-uniform. Both start as the identity (``B = 0``).
+        init_gamma: ``γ``, the divisor of the gradient init (``stable_gamma``, 1 in the reference).
+        init_niter: power iterations of its randomized SVD (``q = 4r``; 4 in the reference).
     """
 
     method: ClassVar[str] = "lors"
@@ -38,12 +45,26 @@ class LorsConfig(SparseConfig):
         default="exact", metadata={"help": "'exact' masked gradient or the reference's 'straight_through' one."}
     )
 
+    init_lora_weights: Literal["gradient", "kaiming"] = field(
+        default="gradient", metadata={"help": "'gradient': A from the masked gradient's SVD (calibration); 'kaiming'."}
+    )
+    init_gamma: float = field(default=1.0, metadata={"help": "Divisor γ of the gradient init: A = Vᵀ/γ."})
+    init_niter: int = field(default=4, metadata={"help": "Power iterations of the gradient init's randomized SVD."})
+
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
         self._check_positive(owner, "r", self.r)
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
             raise ValueError(f"{owner}.lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if self.init_lora_weights not in ("gradient", "kaiming"):
+            raise ValueError(
+                f"{owner}.init_lora_weights must be 'gradient' or 'kaiming', got {self.init_lora_weights!r}"
+            )
+        if not float(self.init_gamma) > 0:
+            raise ValueError(f"{owner}.init_gamma must be positive, got {self.init_gamma!r}")
+        if isinstance(self.init_niter, bool) or not isinstance(self.init_niter, int) or self.init_niter < 0:
+            raise ValueError(f"{owner}.init_niter must be a non-negative integer, got {self.init_niter!r}")
         if self.gradient not in ("exact", "straight_through"):
             raise ValueError(f"{owner}.gradient must be 'exact' or 'straight_through', got {self.gradient!r}")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -29,7 +30,8 @@ import torch
 from torch import nn
 
 from ...sparse.recompute import FactorGrads, recomputed_linear
-from ..base import SparseConfig
+from ...sparse.stats import Window, calibrating
+from ..base import SparseConfig, from_checkpoint
 from ..layer_base import SparseLayerBase
 from .config import LorsConfig
 
@@ -91,7 +93,7 @@ class WeightRecomputeLayer(SparseLayerBase):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _generator(self, config: SparseConfig) -> torch.Generator:
-        return torch.Generator().manual_seed(config.seed + 1)
+        return torch.Generator().manual_seed(self.module_seed(config.seed) + 1)
 
     # ---- the effective weight ----------------------------------------------------------------------------------
     def _build(self, names: Sequence[str], *flat: torch.Tensor) -> torch.Tensor:
@@ -164,14 +166,74 @@ class LorsLinear(WeightRecomputeLayer):
 
     prefix = "sparse_peft_lors_"
     factor_names = ("A", "B")
+    _adapter_state = ("adapter_configs", "uncalibrated")
+    calibrates_at_train_begin = True  # the gradient init changes values only
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.uncalibrated: dict[str, tuple[Optional[float], Optional[int]]] = {}
+        super().__init__(*args, **kwargs)
 
     def init_factors(self, config: LorsConfig) -> dict[str, torch.Tensor]:
+        """``A`` Kaiming-uniform, ``B = 0``; the gradient init (``init_lora_weights="gradient"``) replaces ``A`` in
+        the calibration pass (:meth:`finish_calibration`)."""
         generator = self._generator(config)
         a = _kaiming_uniform(config.r, self.in_features, generator)
         b = torch.zeros(self.out_features, config.r)
         if not config.init_weights:
             b = _kaiming_uniform(self.out_features, config.r, generator)
         return {"A": a, "B": b}
+
+    # ---- gradient init, through sparse_peft.calibrate ------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: LorsConfig, **kwargs: Any) -> None:
+        super().update_layer(adapter_name, config, **kwargs)
+        if config.init_lora_weights == "gradient" and config.init_weights and not from_checkpoint(config):
+            self.request_gradient_init(adapter_name)
+
+    def request_gradient_init(self, adapter_name: str, gamma: Optional[float] = None, niter: Optional[int] = None):
+        """Make the next calibration pass set this adapter's ``A`` from the gradient (``gamma`` / ``niter``
+        override the config's)."""
+        self.uncalibrated[adapter_name] = (gamma, niter)
+
+    def calibration_mode(self, adapter_name: str) -> Optional[str]:
+        return "gradient" if adapter_name in self.uncalibrated else None
+
+    @torch.no_grad()
+    def finish_calibration(self, adapter_name: str, window: Window) -> None:
+        """``A = Vᵣᵀ/γ``, ``B = 0`` with ``Vᵣ`` the top-``r`` right singular vectors of the mean masked gradient
+        ``Ḡ = (Σ_b gᵀx / batches) ⊙ M`` (randomized SVD, ``q = 4r``, ``init_niter`` power iterations, seeded)."""
+        config = self.adapter_configs[adapter_name]
+        gamma, niter = self.uncalibrated.pop(adapter_name, (None, None))
+        gradient = window.gradient / max(1, window.batches)
+        gradient *= self.get_base_weight() != 0
+        a, b = self.factors(adapter_name)
+        rank = a.shape[0]
+        q = min(4 * rank, *gradient.shape)
+        devices = [gradient.device.index or 0] if gradient.is_cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.module_seed(config.seed))
+            _, _, v = torch.svd_lowrank(gradient, q=q, niter=config.init_niter if niter is None else niter)
+        top = torch.zeros(rank, gradient.shape[1], dtype=v.dtype, device=v.device)
+        top[: min(rank, v.shape[1])] = v[:, :rank].t()
+        a.copy_((top / (config.init_gamma if gamma is None else gamma)).to(a.dtype))
+        b.zero_()
+
+    def prepare_load(self, module_key: str, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+        """Loaded factors are final: no gradient init over them."""
+        self.uncalibrated.pop(adapter_name, None)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        pending = [n for n in self.active_adapters if n in self.uncalibrated]
+        if pending and self.training and torch.is_grad_enabled() and not calibrating():
+            warnings.warn(
+                f"LorsConfig(init_lora_weights='gradient') on {self.module_name}: adapter(s) {pending} were not "
+                f"initialised from the gradient; call sparse_peft.calibrate(model, batches) before training "
+                f"(SparsePeftCallback does it on the first batches). Training from Kaiming-uniform A",
+                UserWarning,
+                stacklevel=2,
+            )
+            for name in pending:
+                self.uncalibrated.pop(name)
+        return super().forward(x, *args, **kwargs)
 
     def apply_adapter(
         self, weight: torch.Tensor, base: torch.Tensor, config: LorsConfig, a: torch.Tensor, b: torch.Tensor

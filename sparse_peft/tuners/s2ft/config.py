@@ -22,16 +22,19 @@ class S2FTConfig(SparseConfig):
     ``max(1, round(ratio·units))`` units of that role in every layer:
 
     * ``v``: units are KV heads (``head_dim`` rows each);
-    * ``o``: units are KV groups, i.e. the ``num_attention_heads / num_key_value_heads`` query heads that read one KV
-      head (``group·head_dim`` columns each). On grouped-query models V row block ``h`` and O column block ``h`` are
-      the same KV head, so selection happens at KV-group granularity;
+    * ``o``: units are query heads (``head_dim`` columns of ``W_o`` each; ``o_unit="head"``, the default), or KV
+      groups, the ``num_attention_heads / num_key_value_heads`` query heads that read one KV head
+      (``o_unit="kv_group"``, ``group·head_dim`` columns each). Nothing is permuted, so O columns can be chosen per
+      query head even on grouped-query models (the reference co-permutes V and O heads to make the slices
+      contiguous, which on GQA models only works per KV group);
     * ``up`` / ``down``: units are FFN channels (one row / one column).
 
     ``selection``: ``"random"`` (seeded per layer, the released default), ``"weight"`` (norm of the unit's weights),
     ``"activation"`` (norm of the unit's output rows / input columns) or ``"gradient"`` (norm of the unit's
     accumulated weight gradient); ``select_largest=False`` takes the smallest scores. ``activation`` and
-    ``gradient`` need :func:`sparse_peft.calibrate_s2ft` on a few batches before training; until then the units are
-    the random ones.
+    ``gradient`` need the calibration pass (:func:`sparse_peft.calibrate`, which
+    :class:`sparse_peft.SparsePeftCallback` runs on the first training batches) before training; until then the
+    units are the random ones.
     """
 
     method: ClassVar[str] = "s2ft"
@@ -45,7 +48,10 @@ class S2FTConfig(SparseConfig):
         metadata={"help": "Last module-name component -> role: 'v' (head rows), 'o' (head columns), 'up', 'down'."},
     )
     v_ratio: float = field(default=0.05, metadata={"help": "Fraction of KV heads per layer trained in W_v."})
-    o_ratio: float = field(default=0.05, metadata={"help": "Fraction of KV groups per layer trained in W_o."})
+    o_ratio: float = field(default=0.05, metadata={"help": "Fraction of O units (heads) per layer trained in W_o."})
+    o_unit: Literal["head", "kv_group"] = field(
+        default="head", metadata={"help": "O units: 'head' (one query head's columns) or 'kv_group'."}
+    )
     up_ratio: float = field(default=0.02, metadata={"help": "Fraction of FFN channels per layer trained in W_up."})
     down_ratio: float = field(default=0.02, metadata={"help": "Fraction of FFN channels per layer in W_down."})
     selection: Literal["random", "weight", "activation", "gradient"] = field(
@@ -60,6 +66,8 @@ class S2FTConfig(SparseConfig):
             self._check_fraction(owner, name, getattr(self, name))
         if self.selection not in STRATEGIES:
             raise ValueError(f"{owner}.selection must be one of {STRATEGIES}, got {self.selection!r}")
+        if self.o_unit not in ("head", "kv_group"):
+            raise ValueError(f"{owner}.o_unit must be 'head' or 'kv_group', got {self.o_unit!r}")
         bad = {k: v for k, v in self.module_roles.items() if v not in ROLES}
         if bad:
             raise ValueError(f"{owner}.module_roles maps {bad} to unknown roles; use one of {ROLES}")

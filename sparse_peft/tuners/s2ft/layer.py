@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import warnings
-import zlib
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from ...sparse.slices import col_slice_matmul, row_slice_matmul, tap_gradient
+from ...sparse.slices import col_slice_matmul, row_slice_matmul
+from ...sparse.stats import Window, calibrating
 from ..base import from_checkpoint
 from ..layer_base import SparseLayerBase
 from .config import S2FTConfig
@@ -59,8 +57,11 @@ def slice_spec(role: str, shape: tuple[int, int], config: S2FTConfig, attention:
                 f"S2FTConfig: {where} of shape {shape} does not match role {role!r} with {expected} heads of "
                 f"head_dim {attention.head_dim}; fix module_roles"
             )
-        unit = attention.head_dim if role == "v" else group * attention.head_dim
-        n_units = attention.num_kv_heads
+        if role == "v" or config.o_unit == "head":
+            unit = attention.head_dim
+            n_units = attention.num_kv_heads if role == "v" else attention.num_heads
+        else:  # "kv_group": the query heads that read one KV head
+            unit, n_units = group * attention.head_dim, attention.num_kv_heads
     else:
         unit, n_units = 1, out_f if role == "up" else in_f
     axis = "rows" if role in ("v", "up") else "cols"
@@ -89,7 +90,8 @@ class S2FTLinear(SparseLayerBase):
     prefix: str = "sparse_peft_s2ft_"
     adapter_layer_names: tuple[str, ...] = ("sparse_peft_s2ft_delta",)
     other_param_names: tuple[str, ...] = ("sparse_peft_s2ft_index",)
-    _adapter_state = ("adapter_configs", "specs", "_calibration", "_merge_originals", "uncalibrated")
+    _adapter_state = ("adapter_configs", "specs", "_merge_originals", "uncalibrated")
+    calibrates_at_train_begin = True  # choosing units changes the index buffer and zeroes D; shapes stay
 
     def __init__(
         self,
@@ -106,7 +108,6 @@ class S2FTLinear(SparseLayerBase):
         self.attention = attention
         self.specs: dict[str, SliceSpec] = {}
         self.uncalibrated: set[str] = set()
-        self._calibration: dict[str, dict[str, torch.Tensor]] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -143,7 +144,7 @@ class S2FTLinear(SparseLayerBase):
         width = coords.numel()
         shape = (width, self.in_features) if spec.axis == "rows" else (self.out_features, width)
         device = self._weight_device()
-        generator = torch.Generator().manual_seed(config.seed + 1)
+        generator = torch.Generator().manual_seed(self.module_seed(config.seed) + 1)
         init = torch.zeros(shape) if config.init_weights else 0.02 * torch.randn(shape, generator=generator)
         self.delta[adapter_name] = nn.Parameter(init.to(device))
         self.index[adapter_name] = coords.to(device=device, dtype=torch.int32)
@@ -153,8 +154,8 @@ class S2FTLinear(SparseLayerBase):
     def _static_scores(self, config: S2FTConfig, spec: SliceSpec) -> torch.Tensor:
         """Unit scores available without data: seeded random, or the norm of each unit's weights."""
         if config.selection != "weight":
-            seed = config.seed + zlib.crc32(self.module_name.encode())
-            return torch.rand(spec.n_units, generator=torch.Generator().manual_seed(seed))
+            generator = torch.Generator().manual_seed(self.module_seed(config.seed))
+            return torch.rand(spec.n_units, generator=generator)
         weight = self.get_base_weight().detach().float()  # dequantized transient for quantized bases
         return self._unit_norms(weight.square(), spec)
 
@@ -171,40 +172,26 @@ class S2FTLinear(SparseLayerBase):
         ranked = order[torch.sort(scores[order], descending=True, stable=True).indices]
         return torch.sort(ranked[: spec.count]).values
 
-    # ---- calibration (activation / gradient selection) -----------------------------------------------------
-    def start_calibration(self, adapter_name: str) -> None:
-        self._calibration[adapter_name] = {}
-
-    def _record(self, name: str, key: str, value: torch.Tensor) -> None:
-        stats = self._calibration[name]
-        stats[key] = stats[key] + value if key in stats else value
-
-    def _observe(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        spec, stats_out = self.specs[name], base_out
-        if self.adapter_configs[name].selection == "activation":
-            with torch.no_grad():
-                source = base_out if spec.axis == "rows" else x
-                self._record(name, "act", source.detach().float().reshape(-1, source.shape[-1]).square().sum(0))
-        elif torch.is_grad_enabled():
-            anchor = self.delta[name]
-            stats_out = tap_gradient(base_out, x, anchor, partial(self._accumulate_grad, name))
-        return stats_out
-
-    def _accumulate_grad(self, name: str, grad_out: torch.Tensor, x: torch.Tensor) -> None:
-        self._record(name, "grad", grad_out.t().float() @ x.float())  # dense (out, in), calibration only
+    # ---- calibration (activation / gradient selection), through sparse_peft.calibrate ---------------------------
+    def calibration_mode(self, adapter_name: str) -> Optional[str]:
+        """``"activation"`` / ``"gradient"`` while this adapter's data-driven units are still to be chosen."""
+        return self.adapter_configs[adapter_name].selection if adapter_name in self.uncalibrated else None
 
     @torch.no_grad()
-    def finish_calibration(self, adapter_name: str, group: Any = None) -> None:
-        """Choose the units from the calibration statistics (summed over processes) and reset ``D`` to zero."""
-        stats = self._calibration.pop(adapter_name, {})
+    def finish_calibration(self, adapter_name: str, window: Window) -> None:
+        """Choose the units from the (all-reduced) calibration window and reset ``D`` to zero.
+
+        Activation: a unit's score is the norm of its output rows (V, up: ``Σ y²`` over the unit's rows) or input
+        columns (O, down: ``Σ x²``). Gradient: the norm of the unit's slice of ``Σ ∂L/∂W``.
+        """
         spec, config = self.specs[adapter_name], self.adapter_configs[adapter_name]
-        stat = stats.get("act", stats.get("grad"))
-        if stat is None:
+        if window.batches == 0:
             raise RuntimeError(f"S²FT calibration of {self.module_name} saw no batches; pass at least one batch")
-        if group is not None:
-            dist.all_reduce(stat, group=group)
-        scores = self._unit_norms(stat if "act" in stats else stat.square(), spec)
-        coords = spec.coordinates(self._choose(config, spec, scores))
+        if config.selection == "activation":
+            stat = window.output_sq if spec.axis == "rows" else window.input_sq
+        else:
+            stat = window.gradient.square()
+        coords = spec.coordinates(self._choose(config, spec, self._unit_norms(stat, spec)))
         self.index[adapter_name].copy_(coords.to(self.index[adapter_name]))
         self.delta[adapter_name].zero_()
         self.uncalibrated.discard(adapter_name)
@@ -217,12 +204,11 @@ class S2FTLinear(SparseLayerBase):
         for name in self.active_adapters:
             if name not in self.delta:
                 continue
-            if name in self._calibration:
-                result = self._observe(name, x, result)
-            elif name in self.uncalibrated and self.training:
+            if name in self.uncalibrated and self.training and torch.is_grad_enabled() and not calibrating():
                 warnings.warn(
                     f"S2FTConfig(selection={self.adapter_configs[name].selection!r}) on {self.module_name}: call "
-                    f"sparse_peft.calibrate_s2ft(model, batches) before training; training the random units",
+                    f"sparse_peft.calibrate(model, batches) before training (SparsePeftCallback does it on the first "
+                    f"batches); training the random units",
                     UserWarning,
                     stacklevel=2,
                 )

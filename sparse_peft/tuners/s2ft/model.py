@@ -37,46 +37,19 @@ class S2FTModel(SparseTuner):
         return {"attention": self._attention_shape()}
 
 
-@torch.no_grad()
-def _no_grad_forward(model: nn.Module, inputs: dict) -> None:
-    model(**inputs)
-
-
 def calibrate_s2ft(
     model: nn.Module,
     batches: Iterable[Union[torch.Tensor, dict]],
     adapter_name: str = "default",
     group: Any = None,
 ) -> int:
-    """Choose S²FT units by activation or gradient statistics over a few ``batches`` (call before training).
+    """Choose (again) the S²FT units of ``adapter_name`` by activation or gradient statistics over ``batches``
+    through the calibration pass (:func:`sparse_peft.calibrate`); returns the number of layers re-selected (random
+    and weight selection need no calibration and return 0)."""
+    from ...calibrate import calibrate
 
-    ``batches``: ``input_ids`` tensors (used as labels too) or dicts of model inputs (with ``labels`` for
-    ``selection="gradient"``). ``"activation"`` runs forwards only and scores a unit by the norm of its output rows
-    (V, up) or input columns (O, down); ``"gradient"`` also runs backwards and scores a unit by the norm of its
-    accumulated weight gradient (a dense ``(out, in)`` float32 accumulator per target matrix, calibration only).
-    Statistics are all-reduced over ``group`` (DDP: every rank chooses the same units). Returns the number of
-    layers re-selected; random and weight selection need no calibration and return 0.
-    """
     layers = [m for m in model.modules() if isinstance(m, S2FTLinear) and adapter_name in m.adapter_configs]
     layers = [m for m in layers if m.adapter_configs[adapter_name].selection in ("activation", "gradient")]
-    if not layers:
-        return 0
-    gradient = layers[0].adapter_configs[adapter_name].selection == "gradient"
     for layer in layers:
-        layer.start_calibration(adapter_name)
-    try:
-        for batch in batches:
-            inputs = batch if isinstance(batch, dict) else {"input_ids": batch, "labels": batch}
-            if gradient:
-                model(**inputs).loss.backward()
-            else:
-                _no_grad_forward(model, inputs)
-    except BaseException:
-        for layer in layers:
-            layer._calibration.pop(adapter_name, None)
-        raise
-    for layer in layers:
-        layer.finish_calibration(adapter_name, group)
-    for param in model.parameters():
-        param.grad = None
-    return len(layers)
+        layer.uncalibrated.add(adapter_name)
+    return calibrate(model, batches, adapter_name, group).get(S2FTLinear.__name__, 0) if layers else 0

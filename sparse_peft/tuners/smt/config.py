@@ -24,11 +24,23 @@ class SmtConfig(SparseConfig):
 
     Budget: ``num_blocks`` (global: in total; per_matrix: per matrix), or ``block_ratio`` of all target blocks.
 
-    Storage is allocated up front with a fixed shape, so the optimizer never sees a shape change: per matrix
-    ``capacity`` slots of ``(b, b)``. Per matrix, capacity = the per-matrix budget. Globally, capacity =
-    ``max_blocks_per_matrix`` or, when None, ``⌈2·n/M⌉`` (twice the average over the ``M`` target matrices, raised
-    until the capacities hold ``n``); global selection takes blocks in score order and skips a matrix whose slots are
-    full. Unused slots stay zero and receive no gradient, but they do take optimizer memory.
+    Two ways to select, both from ``Σ ∂L/∂W`` of the frozen model:
+
+    * **Calibration pass** (recommended; the CLI and recipes use it): :func:`sparse_peft.calibrate` on a few
+      batches before the optimizer exists. Global selection takes the top ``n`` blocks over all matrices with no
+      per-matrix cap (the paper's ``no_restriction``; ``max_blocks_per_matrix`` caps it only if set), and every
+      matrix's storage is sized to its selected blocks, so the trainable count is exactly the budget and no step of
+      the learning-rate schedule is spent without training.
+    * **In-training warm-up** (``warmup_steps`` optimizer steps through :class:`sparse_peft.SparsePeftCallback`):
+      the optimizer already exists, so storage is allocated up front with a fixed shape, per matrix ``capacity``
+      slots of ``(b, b)``: per matrix the per-matrix budget; globally ``max_blocks_per_matrix`` or, when None,
+      ``⌈2·n/M⌉`` (twice the average over the ``M`` target matrices, raised until the capacities hold ``n``;
+      selection skips a matrix whose slots are full). Unused slots stay zero and never train. The blocks see zero
+      gradients during the warm-up; their optimizer state is dropped at the selection, so a block's first real
+      step is a fresh Adam step. The warm-up steps do use up the start of the learning-rate schedule.
+
+    A training forward before any selection raises an error that names both ways (a plain loop without either
+    would train nothing).
     """
 
     method: ClassVar[str] = "smt"

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
+from ...sparse.regrow import unwrap_optimizer
 from ...sparse.slices import (
     BlockLayout,
     block_extents,
@@ -22,6 +23,7 @@ from ...sparse.slices import (
     scatter_blocks,
     tap_gradient,
 )
+from ...sparse.stats import Window, calibrating
 from ..layer_base import SparseLayerBase
 from .config import SmtConfig
 
@@ -159,7 +161,22 @@ class SmtLinear(SparseLayerBase):
         if step < config.warmup_steps or self.selector(adapter_name).done():
             return 0
         self._collecting.discard(adapter_name)
-        return self.selector(adapter_name).select(getattr(context, "group", None))
+        return self.selector(adapter_name).select(getattr(context, "group", None), optimizer=optimizer)
+
+    # ---- the calibration pass (sparse_peft.calibrate): selection before the optimizer exists ---------------------
+    def calibration_mode(self, adapter_name: str) -> Optional[str]:
+        """``"gradient"`` until the blocks are selected."""
+        return None if self.selector(adapter_name).done() else "gradient"
+
+    def finish_calibration(self, adapter_name: str, window: Window) -> None:
+        """Keep the (all-reduced) ``Σ ∂L/∂W`` of the calibration batches for :meth:`after_calibration`."""
+        if window.gradient is not None:
+            self._grad_acc[adapter_name] = window.gradient
+
+    def after_calibration(self, adapter_name: str) -> None:
+        """Select the blocks of every matrix at exactly the budget and size each matrix's slots to its blocks (the
+        first layer to get here does it for all; no optimizer exists yet, so the block tensors can be replaced)."""
+        self.selector(adapter_name).select(exact=True)
 
     @torch.no_grad()
     def _accumulate(self, adapter_name: str, grad_out: torch.Tensor, x: torch.Tensor) -> None:
@@ -193,7 +210,7 @@ class SmtLinear(SparseLayerBase):
         blocks.zero_()
         config = self.adapter_configs[adapter_name]
         if not config.init_weights and coords.shape[0]:
-            generator = torch.Generator().manual_seed(config.seed + 1)
+            generator = torch.Generator().manual_seed(self.module_seed(config.seed) + 1)
             noise = 0.02 * torch.randn(blocks.shape, generator=generator)
             heights, widths = block_extents(coords, self.shape, config.block_size)
             for i, (h, w) in enumerate(zip(heights.tolist(), widths.tolist(), strict=True)):
@@ -208,14 +225,27 @@ class SmtLinear(SparseLayerBase):
             if name not in self.blocks:
                 continue
             blocks = self.blocks[name]
-            if name in self._collecting and self.training and torch.is_grad_enabled():
-                result = tap_gradient(result, x, blocks, partial(self._accumulate, name))
+            if self.training and torch.is_grad_enabled() and not calibrating():
+                if name in self._collecting:
+                    result = tap_gradient(result, x, blocks, partial(self._accumulate, name))
+                elif not self.selector(name).done():
+                    raise RuntimeError(self._unselected_message(name))
             layout, used = self.layout(name)
             if layout is None:
                 continue
             delta = block_matmul(x, blocks if used == blocks.shape[0] else blocks[:used], layout)
             result = result + delta.to(result.dtype)
         return result
+
+    def _unselected_message(self, adapter_name: str) -> str:
+        steps = self.adapter_configs[adapter_name].warmup_steps
+        return (
+            f"SMT adapter {adapter_name!r} has not selected its blocks yet, so there is nothing to train. Either call "
+            f"sparse_peft.calibrate(model, batches) before building the optimizer (selection at exactly the "
+            f"budget), or train with transformers/TRL and callbacks=[sparse_peft.SparsePeftCallback()] (a "
+            f"{steps}-step gradient warm-up inside training), or in a custom loop call sparse_peft.begin_step(model, "
+            f"step) before and sparse_peft.refresh_masks(model, step, optimizer) after every optimizer step"
+        )
 
     # ---- merge / unmerge -----------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -304,7 +334,15 @@ class BlockSelector:
         return config.num_blocks if config.num_blocks is not None else max(1, round(config.block_ratio * total))
 
     @torch.no_grad()
-    def select(self, group: Any = None) -> int:
+    def select(self, group: Any = None, optimizer: Any = None, exact: bool = False) -> int:
+        """Score every block and train the top ones; returns how many were chosen.
+
+        ``exact`` (the calibration pass, before any optimizer exists): global selection takes the top ``n`` blocks
+        over all matrices with no per-matrix cap (unless ``max_blocks_per_matrix`` is set), and every matrix's
+        storage is resized to the blocks it got, so the trainable count is the budget. Otherwise (in-training
+        warm-up) the blocks go into the slots allocated up front, and the blocks' optimizer state (AdamW's zero-
+        gradient warm-up steps) is dropped, so a block's first real step is a fresh Adam step.
+        """
         name = self.adapter_name
         if self.done():
             return 0
@@ -313,12 +351,22 @@ class BlockSelector:
         config = layers[0].adapter_configs[name]
         scores = [layer.block_score_grid(name, group).cpu() for layer in layers]
         if config.selection == "per_matrix":
-            for layer, score in zip(layers, scores, strict=True):
-                layer.assign(name, _top_cells(score, layer.positions[name].shape[0], config.seed))
-            return sum(layer.positions[name].shape[0] for layer in layers)
-        chosen = _global_top(scores, [layer.positions[name].shape[0] for layer in layers], self.budget(), config.seed)
+            budgets = [layer.matrix_budget(config) for layer in layers]
+            chosen = [_top_cells(score, k, config.seed) for score, k in zip(scores, budgets, strict=True)]
+        else:
+            if exact:
+                cap = config.max_blocks_per_matrix or max(s.numel() for s in scores)
+                capacities = [min(cap, s.numel()) for s in scores]
+            else:
+                capacities = [layer.positions[name].shape[0] for layer in layers]
+            chosen = _global_top(scores, capacities, self.budget(), config.seed)
+        inner = unwrap_optimizer(optimizer) if optimizer is not None else None
         for layer, coords in zip(layers, chosen, strict=True):
+            if exact:
+                layer.allocate(name, coords.shape[0])
             layer.assign(name, coords)
+            if inner is not None:
+                inner.state.pop(layer.blocks[name], None)
         return sum(c.shape[0] for c in chosen)
 
 
