@@ -10,8 +10,9 @@ seed and thread count for all), which writes ``summary.json`` with quality (exac
 time, peak resident memory and the part above the loaded frozen model, optimizer-state bytes, trainable parameters
 and adapter bytes. This script collects the summaries into ``RESULTS/results.json``, a Markdown table with ratios to
 LoRA measured in the same run, and PNG plots. Learning rates: each method's main-job default (``MAIN_JOB_LR`` in
-``sparse_peft/cli.py``); no per-method sweep is run. SPP and LoRS fine-tune a 2:4-pruned copy of the model
-(``--prune 2:4``), so their quality is not directly comparable with the dense methods.
+``sparse_peft/cli.py``); no per-method sweep is run (``benchmarks/sweep.py`` runs those). SPP and LoRS fine-tune a
+2:4-pruned copy of the model (``--prune 2:4``), and so does the ``lora_pruned`` row (PEFT's LoRA on the same pruned
+base), which is their quality reference.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-BASELINES = ("lora", "full", "shira", "supertuning")
-PRUNED = {"spp": "2:4", "lors": "2:4"}
+BASELINES = ("lora", "full", "shira", "supertuning", "lora_pruned")
+PRUNED = {"spp": "2:4", "lors": "2:4", "lora_pruned": "2:4"}
 ENTRY_SPARSE = ("lift", "spiel", "rosa", "diff_pruning")
 STRUCTURED = ("smt", "s2ft")
 QUALITY_CLAIM = ("lift", "rosa", "spiel")
@@ -178,6 +179,18 @@ def targets(rows: dict[str, dict[str, Any]]) -> str:
             checks.append((name, _ratio_target(row, "median_step_seconds_vs_lora", step_limit, "step")))
         if method not in ("lora", "full") and row.get("adapter_load_seconds") is not None:
             checks.append(("load ≤ 2x LoRA", _ratio_target(row, "adapter_load_seconds_vs_lora", 2.0, "load")))
+        after = (row.get("after") or {}).get("exact_match")
+        if method in PRUNED and method not in BASELINES:
+            pruned = ((rows.get("lora_pruned") or {}).get("after") or {}).get("exact_match")
+            ok = None if after is None or pruned is None else after >= 0.9 * pruned
+            text = f"{_fmt(after, 'pct')} vs lora_pruned {_fmt(pruned, 'pct')}"
+            checks.append(("quality ≥ 90% of lora_pruned", _verdict(ok, text)))
+            kept = (row.get("sparsity") or {}).get("zeros_kept_after_merge")
+            checks.append(("every base zero kept after merge", _verdict(kept, f"zeros kept: {kept}")))
+        elif method not in BASELINES:
+            ok = None if after is None or lora_quality is None else after >= 0.9 * lora_quality
+            text = f"{_fmt(after, 'pct')} vs LoRA {_fmt(lora_quality, 'pct')}"
+            checks.append(("quality ≥ 90% of LoRA", _verdict(ok, text)))
         if method in QUALITY_CLAIM:
             after = (row.get("after") or {}).get("exact_match")
             ok = None if after is None or lora_quality is None else after >= lora_quality

@@ -92,11 +92,21 @@ def canonical_method(name: str) -> str:
 #: ``sparsity`` is set from the loaded model so that the total equals LoRA's, see :func:`lora_budget_sparsity`).
 BASELINES: dict[str, dict[str, Any]] = {
     "lora": {"r": 16, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0},
+    "lora_pruned": {"r": 16, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0},
     "full": {},
     "shira": {"r": 16, "target_modules": "all-linear", "random_seed": 0},
     "supertuning": {"target_modules": "all-linear"},
 }
-BASELINE_LR: dict[str, float] = {"lora": 1e-3, "full": 5e-5, "shira": 1e-3, "supertuning": 1e-3}
+BASELINE_LR: dict[str, float] = {
+    "lora": 1e-3,
+    "lora_pruned": 1e-3,
+    "full": 5e-5,
+    "shira": 1e-3,
+    "supertuning": 1e-3,
+}
+#: ``lora_pruned`` is PEFT's LoRA trained on the same pruned base as SPP and LoRS (its merge densifies the weights):
+#: the reference that tells pruning damage from method quality. Its base is pruned 2:4 unless --prune says otherwise.
+PRUNED_BASELINES: dict[str, str] = {"lora_pruned": "2:4"}
 
 
 def lora_budget_sparsity(model: torch.nn.Module, rank: int = 16) -> float:
@@ -116,10 +126,15 @@ def build_config(method: str, overrides: dict[str, Any]):
         if overrides:
             raise SystemExit("--method full takes no --set fields")
         return None
-    if method in ("lora", "shira", "supertuning"):
+    if method in ("lora", "lora_pruned", "shira", "supertuning"):
         import peft
 
-        config_cls = {"lora": peft.LoraConfig, "shira": peft.ShiraConfig, "supertuning": peft.SupertuningConfig}
+        config_cls = {
+            "lora": peft.LoraConfig,
+            "lora_pruned": peft.LoraConfig,
+            "shira": peft.ShiraConfig,
+            "supertuning": peft.SupertuningConfig,
+        }
         return config_cls[method](task_type="CAUSAL_LM", **{**BASELINES[method], **overrides})
     if method not in METHODS:
         raise SystemExit(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
@@ -360,6 +375,8 @@ def train(args: argparse.Namespace) -> int:
     if args.sparse_lr is not None and args.method != "rosa":
         raise SystemExit(f"--sparse-lr applies to --method rosa only, not {args.method}; use --lr")
     config = build_config(args.method, parse_set(args.set))
+    if args.prune is None and args.method in PRUNED_BASELINES:
+        args.prune = parse_prune_spec(PRUNED_BASELINES[args.method])
     out = output_dir(args.output, args.method)
     print(f"sparse-peft train: method={args.method} model={args.model or 'SmolLM2-135M-Instruct (default)'} -> {out}")
 

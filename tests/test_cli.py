@@ -88,10 +88,11 @@ def test_set_parsing_and_unknown_fields():
     assert build_config("lift", {"rank": 3}).rank == 3
 
 
-@pytest.mark.parametrize("method", ["lora", "full", "shira", "supertuning"])
+@pytest.mark.parametrize("method", ["lora", "full", "shira", "supertuning", "lora_pruned"])
 def test_baselines_for_benchmarks(tiny_model_dir, tmp_path, method):
-    """``--method lora|full|shira|supertuning`` train PEFT's LoRA, the full model and PEFT's static sparse deltas
-    (at LoRA's trainable count); memory, optimizer state and the adapter load time are reported."""
+    """``--method lora|full|shira|supertuning|lora_pruned`` train PEFT's LoRA, the full model, PEFT's static sparse
+    deltas (at LoRA's trainable count) and LoRA on a 2:4-pruned base; memory, optimizer state and the adapter load
+    time are reported."""
     train = _jsonl(tmp_path / "train.jsonl", _rows(8))
     evaluation = _jsonl(tmp_path / "eval.jsonl", _rows(2))
     out = tmp_path / "run"
@@ -111,6 +112,10 @@ def test_baselines_for_benchmarks(tiny_model_dir, tmp_path, method):
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
         lora = sum(min(16 * (m.in_features + m.out_features), m.in_features * m.out_features) for m in linears)
         assert abs(summary["trainable_parameters"] - lora) <= len(linears), (summary["trainable_parameters"], lora)
+    if method == "lora_pruned":  # the same 2:4 base as SPP and LoRS; LoRA's merge densifies it
+        assert summary["sparsity"]["prune"] == "wanda:2:4"  # what --prune 2:4 means (SPP and LoRS runs too)
+        assert summary["sparsity"]["before"]["nm_holds"] is True
+        assert summary["sparsity"]["zeros_kept_after_merge"] is False
     # AdamW keeps two moments per trainable entry (plus a step counter per tensor)
     assert summary["optimizer_state_bytes"] >= 2 * 4 * summary["trainable_parameters"]
     assert summary["peak_rss_bytes"] >= summary["frozen_rss_bytes"] > 0
