@@ -84,7 +84,7 @@ def calibrate(
     layers = calibration_layers(model, adapter_name, train_begin)
     if not layers:
         return {}
-    needs_grad = any(mode == "gradient" for _, mode in layers.values())
+    needs_grad = any(mode in ("gradient", "fisher") for _, mode in layers.values())
     device = next(model.parameters()).device
     count = 0
     try:

@@ -220,3 +220,35 @@ def test_half_precision_forward_and_backward(method, dtype, autocast):
         optimizer.step()
         refresh_masks(model, step, optimizer)
     assert any(g.abs().sum() > 0 for g in grads), method
+
+
+PLAIN_LOOP_FIX = r"SparsePeftCallback|sparse_peft\.calibrate|begin_step"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_default_config_in_a_bare_loop_trains_or_names_the_fix(method):
+    """A user's own loop with no schedule hooks and no calibration: every method's *default* config either trains
+    (the loss falls and the adapter moves) or fails at its first training forward with an error naming
+    SparsePeftCallback, the calibration pass or begin_step, never with a raw torch error."""
+    import sparse_peft
+
+    config_cls = sparse_peft.METHODS[method][0]
+    model = get_peft_model(prepare_base(method, tiny_llama()), config_cls())
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    model.train()
+    losses = []
+    try:
+        for _ in range(4):
+            loss = model(INPUT, labels=INPUT).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+    except RuntimeError as error:
+        assert not losses, f"{method} failed after {len(losses)} steps: {error}"
+        assert __import__("re").search(PLAIN_LOOP_FIX, str(error)), str(error)
+        return
+    assert losses[-1] < losses[0], (method, losses)
+    assert any(not torch.equal(p, b) for p, b in zip(params, before, strict=True))

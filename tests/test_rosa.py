@@ -72,7 +72,8 @@ def changed(before, after):
 def test_budget_lora_shapes_and_identity_start():
     model, _ = make()
     base = tiny_llama()
-    assert torch.equal(model(INPUT).logits, base(INPUT).logits)  # B = 0 and S = 0
+    with torch.no_grad():
+        assert torch.equal(model(INPUT).logits, base(INPUT).logits)  # B = 0 and S = 0
     for layer in rosa_layers(model):
         assert layer.values["default"].numel() == round(0.05 * layer.numel)
         assert layer.lora_A["default"].shape == (2, layer.in_features)
@@ -108,17 +109,27 @@ def test_collected_statistic_is_the_dense_gradient_and_mask_its_top_k(score):
     weight.requires_grad_(True)
     model(INPUT, labels=INPUT).loss.backward()
     grad = weight.grad.detach().clone()
+    reference = tiny_llama()  # the adapter starts as the identity, so W's gradient is the base model's
+    ref_weight = dict(reference.named_modules())[layer.module_name].weight
+    ref_weight.requires_grad_(True)
+    per_sample = []
+    for row in INPUT:  # the Fisher sums per-example squared gradients (not the square of the batch's)
+        ref_weight.grad = None
+        reference(row[None], labels=row[None]).loss.backward()
+        per_sample.append(ref_weight.grad.detach().clone() / INPUT.shape[0])  # the batch loss averages examples
     weight.requires_grad_(False)
     weight.grad = None
-    expected = grad.square() if score == "mean_squared" else grad
+    fisher = sum(g.square() for g in per_sample)
+    expected = fisher if score == "mean_squared" else grad
     assert torch.allclose(layer._windows["default"].pending, expected, rtol=1e-5, atol=1e-10)
     before_optimizer_step(model, context)
     optimizer.step()
     optimizer.zero_grad()
     assert refresh_masks(model, 1, optimizer, context) > 0
     k = layer.values["default"].numel()
-    kth = grad.abs().reshape(-1).topk(k).values[-1]
-    chosen = grad.abs().reshape(-1)[layer.indices["default"].long()]
+    scores = expected.abs().reshape(-1)
+    kth = scores.topk(k).values[-1]
+    chosen = scores[layer.indices["default"].long()]
     assert bool((chosen >= kth - 1e-9).all()) and layer.is_mask_ready("default")
     assert not layer._windows  # the dense accumulator is gone after selection
 

@@ -8,6 +8,9 @@ exists. For every layer that asks for it, :func:`capture` attaches a forward hoo
   hands the window the micro-batch's output gradient ``g`` (``(T, out)``) and input ``x`` (``(T, in)``), and the
   window adds ``G_b = gᵀx`` (the micro-batch's gradient of ``W``, float32, ``(out, in)``, on the layer's device);
   the base weight never needs ``requires_grad``;
+* in ``"fisher"`` mode does the same but adds each example's squared gradient ``Σ_i G_i²`` (``G_i = g_iᵀx_i`` over
+  example ``i``'s tokens): the empirical diagonal Fisher of RoSA's paper, from per-sample gradients, not from
+  squared batch means;
 * in ``"activation"`` mode adds the column sums of squares of ``x`` and of ``y`` (no backward needed).
 
 :meth:`Window.commit` sums the window over a process group, so every DDP rank decides from the same numbers.
@@ -16,6 +19,7 @@ exists. For every layer that asks for it, :func:`capture` attaches a forward hoo
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -27,7 +31,7 @@ from torch import nn
 
 from .slices import tap_gradient
 
-MODES = ("gradient", "activation")
+MODES = ("gradient", "fisher", "activation")
 _ACTIVE: ContextVar[bool] = ContextVar("sparse_peft_calibrating", default=False)
 
 
@@ -40,12 +44,15 @@ def calibrating() -> bool:
 class Window:
     """Statistics of one layer over the calibration batches (all float32).
 
-    ``gradient``: ``Σ_b gᵀx`` (``(out, in)``); ``input_sq`` / ``output_sq``: ``Σ_t x_t²`` (``(in,)``) and
-    ``Σ_t y_t²`` (``(out,)``); ``batches``: micro-batches seen; ``tokens``: rows of ``x`` seen.
+    ``gradient``: ``Σ_b gᵀx`` (``(out, in)``; modes gradient); ``gradient_sq``: ``Σ_i G_i²`` over examples
+    (mode fisher); ``input_sq`` / ``output_sq``: ``Σ_t x_t²`` (``(in,)``) and ``Σ_t y_t²`` (``(out,)``);
+    ``batches``: micro-batches seen; ``samples``: examples seen; ``tokens``: rows of ``x`` seen.
     """
 
     mode: str
     gradient: Optional[torch.Tensor] = None
+    gradient_sq: Optional[torch.Tensor] = None
+    samples: int = 0
     input_sq: Optional[torch.Tensor] = None
     output_sq: Optional[torch.Tensor] = None
     batches: int = 0
@@ -53,10 +60,16 @@ class Window:
     committed: bool = field(default=False, repr=False)
 
     @torch.no_grad()
-    def add_gradient(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
-        product = grad_out.t().float() @ x.float()
-        self.gradient = product if self.gradient is None else self.gradient.add_(product)
+    def add_gradient(self, grad_out: torch.Tensor, x: torch.Tensor, samples: int = 1) -> None:
+        """Add one micro-batch: ``grad_out`` ``(T, out)`` and ``x`` ``(T, in)``, ``T = samples · tokens each``."""
+        if self.mode == "fisher":
+            squares = per_sample_squares(grad_out, x, samples)
+            self.gradient_sq = squares if self.gradient_sq is None else self.gradient_sq.add_(squares)
+        else:
+            product = grad_out.t().float() @ x.float()
+            self.gradient = product if self.gradient is None else self.gradient.add_(product)
         self.batches += 1
+        self.samples += samples
         self.tokens += x.shape[0]
 
     @torch.no_grad()
@@ -74,18 +87,35 @@ class Window:
         self.committed = True
         if not (dist.is_available() and dist.is_initialized()):
             return self
-        for name in ("gradient", "input_sq", "output_sq"):
+        for name in ("gradient", "gradient_sq", "input_sq", "output_sq"):
             tensor = getattr(self, name)
             if tensor is not None:
                 dist.all_reduce(tensor, group=group)
-        counts = torch.tensor([self.batches, self.tokens], dtype=torch.float64)
+        counts = torch.tensor([self.batches, self.samples, self.tokens], dtype=torch.float64)
         dist.all_reduce(counts, group=group)
-        self.batches, self.tokens = int(counts[0]), int(counts[1])
+        self.batches, self.samples, self.tokens = (int(c) for c in counts)
         return self
+
+
+@torch.no_grad()
+def per_sample_squares(grad_out: torch.Tensor, x: torch.Tensor, samples: int) -> torch.Tensor:
+    """``Σ_i (g_iᵀ x_i)²`` (float32, ``(out, in)``) for ``samples`` examples of equal length stacked in the rows of
+    ``grad_out`` ``(T, out)`` and ``x`` ``(T, in)``; one example's transient ``(out, in)`` product at a time."""
+    if samples < 1 or grad_out.shape[0] % samples:
+        raise ValueError(f"{grad_out.shape[0]} rows do not split into {samples} examples of equal length")
+    total: Optional[torch.Tensor] = None
+    for g_i, x_i in zip(grad_out.chunk(samples), x.chunk(samples), strict=True):
+        square = (g_i.t().float() @ x_i.float()).square_()
+        total = square if total is None else total.add_(square)
+    return total  # type: ignore[return-value]
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
+
+
+def _add_gradient(window: Window, grad_out: torch.Tensor, x: torch.Tensor, samples: int) -> None:
+    window.add_gradient(grad_out, x, samples)
 
 
 @contextlib.contextmanager
@@ -106,7 +136,9 @@ def capture(layers: Mapping[str, tuple[nn.Module, str]]) -> Iterator[dict[str, W
                 return None
             if not torch.is_grad_enabled():
                 return None
-            return tap_gradient(output, x.detach(), anchor, lambda g, x2: window.add_gradient(g, x2))
+            samples = x.shape[0] if x.dim() > 2 else 1  # (batch, length, features): one example per batch row
+            observer = functools.partial(_add_gradient, window, samples=samples)
+            return tap_gradient(output, x.detach(), anchor, observer)
 
         return hook
 

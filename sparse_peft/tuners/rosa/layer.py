@@ -16,6 +16,7 @@ from ...sparse.delta import DeltaTerm, dense_delta, index_dtype
 from ...sparse.masks_file import read_mask
 from ...sparse.regrow import unwrap_optimizer
 from ...sparse.select import gradient_score, magnitude_score, random_score, topk_positions
+from ...sparse.stats import Window, calibrating, per_sample_squares
 from ..sparse_delta import SparseDeltaLinear
 from .config import RosaConfig
 
@@ -73,6 +74,7 @@ class RosaLinear(SparseDeltaLinear):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._windows: dict[str, GradientWindow] = {}
         self._phase: dict[str, str] = {}  # "warmup" | "collect" | "train", set by on_step_begin
+        self._samples = 1  # examples in the current micro-batch, for the per-sample Fisher
         super().__init__(*args, **kwargs)
 
     # ---- storage ---------------------------------------------------------------------------------------------
@@ -138,11 +140,49 @@ class RosaLinear(SparseDeltaLinear):
         """``W x + (S x)`` on one GEMM (the shared entry-sparse path), plus the LoRA term ``s·B(A x)``."""
         if self._adapters_off() or self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if self.training and torch.is_grad_enabled() and not calibrating():
+            self._check_driven()
+            self._samples = x.shape[0] if x.dim() > 2 else 1  # examples in this micro-batch (per-sample Fisher)
         result = self._delta_forward(x, *args, **kwargs)
         for name in self.active_adapters:
             if name in self.adapter_configs and name in self.lora_A:
                 result = result + self._lora_term(name, x).to(result.dtype)
         return result
+
+    def _check_driven(self) -> None:
+        """A training forward with a mask still to collect and no schedule driving it would train LoRA alone."""
+        for name in self.active_adapters:
+            if name not in self.adapter_configs or name in self._phase or self.is_mask_ready(name):
+                continue
+            config: RosaConfig = self.adapter_configs[name]
+            if config.schedule == "lora_only" or self.values[name].numel() == 0:
+                continue
+            raise RuntimeError(
+                f"RoSA adapter {name!r} has no sparse mask yet and nothing drives its schedule "
+                f"({config.schedule!r}), so its sparse part would never train. Train with transformers/TRL and "
+                f"callbacks=[sparse_peft.SparsePeftCallback()]; or, in a custom loop, call sparse_peft.begin_step("
+                f"model, step), sparse_peft.before_optimizer_step(model) and sparse_peft.refresh_masks(model, step, "
+                f"optimizer) around every optimizer step; or choose the mask before training with "
+                f"schedule='default' and sparse_peft.calibrate(model, batches) (or a saved mask, mask_path=...)"
+            )
+
+    # ---- the calibration pass (sparse_peft.calibrate): the mask from the pretrained model ----------------------
+    def calibration_mode(self, adapter_name: str) -> Optional[str]:
+        """``"fisher"`` (or ``"gradient"`` for ``mask_score="mean"``) when the schedule collects at step 0
+        (``"default"`` / ``"spa_only"``) and the mask is not chosen yet."""
+        config: RosaConfig = self.adapter_configs[adapter_name]
+        if self.is_mask_ready(adapter_name) or not config.needs_collection or config.warmup_steps > 0:
+            return None
+        if config.schedule == "lora_only" or self.values[adapter_name].numel() == 0:
+            return None
+        return "fisher" if config.mask_score == "mean_squared" else "gradient"
+
+    def finish_calibration(self, adapter_name: str, window: Window) -> None:
+        """The mask: top-``k`` of the per-sample Fisher ``Σ_i G_i²`` (or of ``|Σ_b G_b|``) over the calibration
+        batches; the values start training at step 1 (no collection steps inside training)."""
+        config: RosaConfig = self.adapter_configs[adapter_name]
+        scores = window.gradient_sq if window.gradient_sq is not None else window.gradient.abs()
+        self.set_mask(adapter_name, topk_positions(scores, self.values[adapter_name].numel(), seed=config.seed))
 
     def delta_term(self, adapter_name: str) -> Optional[tuple[DeltaTerm, torch.Tensor]]:
         """S trains only once its mask is chosen and the phase is ``train``; during collection the observer
@@ -247,9 +287,10 @@ class RosaLinear(SparseDeltaLinear):
         """Add this micro-batch's ``G = gᵀx`` (or ``G²``) to the window, in float32."""
         window = self._windows[adapter_name]
         config: RosaConfig = self.adapter_configs[adapter_name]
-        grad = grad_out.float().t() @ x.float()  # transient (out x in), one layer at a time
-        if config.mask_score == "mean_squared":
-            grad.square_()
+        if config.mask_score == "mean_squared":  # per-sample squares: the empirical Fisher of the paper
+            grad = per_sample_squares(grad_out, x, self._samples)
+        else:
+            grad = grad_out.float().t() @ x.float()  # transient (out x in), one layer at a time
         if config.stats_device is not None:
             grad = grad.to(config.stats_device)
         if window.pending is None:
