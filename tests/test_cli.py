@@ -164,3 +164,25 @@ def test_rosa_sparse_learning_rate(tiny_model_dir, tmp_path):
 def test_sparse_lr_is_for_rosa_only(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="rosa only"):
         main(["train", "--model", str(tiny_model_dir), "--sparse-lr", "1e-4", "--steps", "1", "--n-eval", "0"])
+
+
+@pytest.mark.parametrize("method", ["smt", "lors"])
+def test_train_runs_the_calibration_pass_first(tiny_model_dir, tmp_path, method):
+    """SMT selects its blocks and LoRS sets its gradient init before the optimizer exists: SMT's trainable count
+    is exactly the budget, from the first step on."""
+    train = _jsonl(tmp_path / "train.jsonl", _rows(16))
+    evaluation = _jsonl(tmp_path / "eval.jsonl", _rows(2))
+    out = tmp_path / "run"
+    args = ["train", "--method", method, "--model", str(tiny_model_dir), "--data", str(train), "--eval-data"]
+    args += [str(evaluation), "--steps", "2", "--batch-size", "4", "--max-length", "32", "--output", str(out)]
+    if method == "smt":
+        args += ["--set", "block_size=16", "--set", "num_blocks=7", "--set", "warmup_steps=2"]
+    else:
+        args += ["--set", "r=2", "--prune", "magnitude:0.5"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    layer_class = {"smt": "SmtLinear", "lors": "LorsLinear"}[method]
+    assert summary["calibration"]["layers"][layer_class] > 0
+    if method == "smt":
+        assert summary["calibration"]["samples"] == 2 * 4  # warmup_steps batches
+        assert summary["trainable_parameters_at_start"] == summary["trainable_parameters"] == 7 * 16 * 16

@@ -338,3 +338,21 @@ def test_default_config_in_a_plain_loop_fails_with_the_fix():
         model(INPUT, labels=INPUT)
     with torch.no_grad():  # inference is fine: nothing selected means the base model
         model(INPUT)
+
+
+def test_calibrated_adapter_saves_and_loads_with_its_exact_storage(tmp_path):
+    from peft import PeftModel
+
+    from sparse_peft import calibrate
+
+    model = make(num_blocks=12)
+    calibrate(model, [INPUT])
+    run(model, steps=2)
+    counts = model.peft_config["default"].block_counts
+    assert sum(counts.values()) == 12 and len(set(counts.values())) > 1
+    expected = model(INPUT).logits.detach()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.allclose(loaded(INPUT).logits, expected, atol=1e-6)
+    sizes = [l.blocks["default"].shape[0] for l in smt_layers(loaded)]
+    assert sizes == [counts[l.module_name] for l in smt_layers(model)]

@@ -69,6 +69,14 @@ class SmtConfig(SparseConfig):
         default=100, metadata={"help": "Optimizer steps of gradient accumulation before the one-shot selection."}
     )
 
+    block_counts: dict[str, int] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Filled by the calibration pass: selected blocks per module (exact storage). Saved so that "
+            "loaders allocate the same sizes; do not set by hand."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__

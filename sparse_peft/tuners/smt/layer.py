@@ -364,6 +364,7 @@ class BlockSelector:
         for layer, coords in zip(layers, chosen, strict=True):
             if exact:
                 layer.allocate(name, coords.shape[0])
+                config.block_counts[layer.module_name] = int(coords.shape[0])
             layer.assign(name, coords)
             if inner is not None:
                 inner.state.pop(layer.blocks[name], None)
@@ -409,14 +410,18 @@ def allocate(layers: list[SmtLinear], adapter_name: str) -> BlockSelector:
     """Size every layer's slots for ``adapter_name`` and attach one shared :class:`BlockSelector`.
 
     Per matrix: capacity = the per-matrix budget (already allocated). Global: ``max_blocks_per_matrix`` or ``⌈2n/M⌉``,
-    raised until the capacities hold the budget ``n``. Runs inside ``get_peft_model`` / ``add_adapter`` /
+    raised until the capacities hold the budget ``n``. An adapter calibrated before (``config.block_counts``) gets
+    exactly its saved counts. Runs inside ``get_peft_model`` / ``add_adapter`` /
     ``from_pretrained``, i.e. before an optimizer exists, and gives the same shapes every time (loading relies on it).
     """
     selector = BlockSelector(adapter_name, layers)
     if not layers:
         return selector
     config = layers[0].adapter_configs[adapter_name]
-    if config.selection == "global":
+    if config.block_counts:  # sizes chosen by a calibration pass (loading a calibrated adapter)
+        for layer in layers:
+            layer.allocate(adapter_name, config.block_counts.get(layer.module_name, 0))
+    elif config.selection == "global":
         grids = [layer.grid_blocks(adapter_name) for layer in layers]
         n = selector.budget()
         if n > sum(grids):
