@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from . import METHODS, SparsePeftCallback
 from .calibrate import calibrate, calibration_layers, first_batches
+from .defaults import MAIN_JOB, main_job_config
 from .groups import declared_settings, use_param_groups
 from .prune import PruneSpec, calibration_batches, measure_sparsity, merged_sparsity, parse_prune_spec, prune_model
 from .tuners.rosa import use_rosa_learning_rates
@@ -33,34 +34,10 @@ from .tuners.sparse_delta import SparseDeltaLinear
 
 logger = logging.getLogger("sparse_peft")
 
-#: Settings of each method for the main job (a 135M model, a few hundred steps); anything can be overridden by --set.
-MAIN_JOB_DEFAULTS: dict[str, dict[str, Any]] = {
-    "snell": {"r": 16, "sparsity": 0.9},
-    "diff_pruning": {"target_density": 0.03, "projection_step": 50},
-    "smt": {"block_size": 64, "num_blocks": 330, "warmup_steps": 20},
-    "s2ft": {"target_modules": ["up_proj", "down_proj"], "up_ratio": 0.02, "down_ratio": 0.02},
-    "lift": {"rank": 16, "filter_rank": 32, "update_interval": 40},
-    "spiel": {"rank": 16, "density": None, "reselection_steps": 20, "selection_accumulation_steps": 5},
-    "rosa": {"r": 8, "lora_alpha": 16, "density": 0.02, "schedule": "wl20", "grad_collection_steps": 4},
-    "spp": {"groups": 16, "scaling": 2.0},
-    "lors": {"r": 16, "lora_alpha": 16, "gradient": "exact"},
-}
-MAIN_JOB_LR: dict[str, float] = {
-    "snell": 2e-3,
-    "diff_pruning": 5e-4,
-    "smt": 5e-4,
-    "s2ft": 1e-3,
-    "lift": 1e-3,
-    "spiel": 1e-3,
-    "rosa": 1e-3,
-    "spp": 4e-3,
-    "lors": 5e-4,
-}
-
-#: RoSA's sparse values train at their own, lower rate (the paper: LoRA 7e-4 / S 2e-4, or 1e-3 / 1e-4). On the
-#: main job, S at the LoRA rate (1e-3) lifted the loss from 1.12 to 1.58 when it started and ended at 24% exact match;
-#: S at 1e-4 gave a smooth loss and 51% (benchmarks/README.md).
-MAIN_JOB_SPARSE_LR: dict[str, float] = {"rosa": 1e-4}
+#: The main job's settings of each method (one source: :mod:`sparse_peft.defaults`); --set and --lr override them.
+MAIN_JOB_DEFAULTS: dict[str, dict[str, Any]] = {method: job.config for method, job in MAIN_JOB.items()}
+MAIN_JOB_LR: dict[str, float] = {method: job.lr for method, job in MAIN_JOB.items()}
+MAIN_JOB_SPARSE_LR: dict[str, float] = {m: job.sparse_lr for m, job in MAIN_JOB.items() if job.sparse_lr is not None}
 
 
 def parse_set(pairs: list[str]) -> dict[str, Any]:
@@ -143,7 +120,7 @@ def build_config(method: str, overrides: dict[str, Any]):
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise SystemExit(f"{config_cls.__name__} has no field(s) {', '.join(unknown)}")
-    kwargs = {**MAIN_JOB_DEFAULTS.get(method, {}), **overrides}
+    kwargs = {**main_job_config(method), **overrides}
     return config_cls(task_type="CAUSAL_LM", **kwargs)
 
 

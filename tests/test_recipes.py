@@ -81,3 +81,28 @@ def test_rosa_recipe_trains_sparse_values_at_their_own_rate(tiny_chat_dir, tmp_p
     assert any(t.any() for k, t in tensors.items() if "lora_B" in k)
     with pytest.raises(SystemExit, match="rosa only"):
         _run("sft", "lift", tiny_chat_dir, tmp_path / "other", "--sparse_learning_rate", "1e-4")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}-{p.stem}")
+def test_recipe_settings_are_the_main_job_defaults(recipe):
+    """One source of defaults: every recipe's method_config (and the SFT recipes' learning rates) equal
+    sparse_peft.defaults.MAIN_JOB, which the CLI's main job reads as well."""
+    import yaml
+
+    from sparse_peft.cli import build_config
+    from sparse_peft.defaults import DPO_OVERRIDES, MAIN_JOB
+
+    data = yaml.safe_load(recipe.read_text())
+    job = MAIN_JOB[recipe.stem]
+    overrides = DPO_OVERRIDES.get(recipe.stem, {}) if recipe.parent.name == "dpo" else {}
+    assert data["method_config"] == {**job.config, **overrides}, recipe
+    assert method_config(parse_script(data)).to_dict() == build_config(recipe.stem, overrides).to_dict()
+    if recipe.parent.name == "sft":
+        assert data["learning_rate"] == job.lr
+        assert data.get("sparse_learning_rate") == job.sparse_lr
+
+
+def parse_script(data):
+    from sparse_peft.recipes import SparseScriptArguments
+
+    return SparseScriptArguments(method=data["method"], method_config=json.dumps(data["method_config"]))

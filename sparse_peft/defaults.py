@@ -1,0 +1,85 @@
+"""Every method's settings for the built-in task, in one place.
+
+Two layers of defaults, each written once:
+
+* a method's **config dataclass** holds its paper's defaults (``LiftConfig().update_interval`` is the reference's
+  400: long runs on billion-parameter models);
+* :data:`MAIN_JOB` holds the settings for the built-in task (SmolLM2-135M-Instruct, 100 optimizer steps, batch 8):
+  the config fields that differ from the paper's, the learning rate, and RoSA's rate of its sparse values. The CLI
+  (``sparse-peft train``), the recipes (``recipes/sft|dpo/<method>.yaml``: ``tests/test_recipes.py`` checks that
+  their ``method_config`` and SFT learning rate equal these) and the benchmarks read it. Each entry says where its
+  numbers come from (``evidence``): a sweep table under ``benchmarks/results/`` or, until its sweep has run, the
+  reason for the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class MainJob:
+    """The built-in task's settings of one method: config fields over the paper defaults, and learning rates."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    lr: float = 1e-3
+    sparse_lr: Optional[float] = None  # RoSA: the sparse values' own rate (the LoRA factors train at ``lr``)
+    evidence: str = ""
+
+
+MAIN_JOB: dict[str, MainJob] = {
+    "snell": MainJob(
+        {"r": 16, "sparsity": 0.9},
+        lr=2e-3,
+        evidence="LoRA's budget at r=16; lr: benchmarks/results/sweeps/snell (in progress)",
+    ),
+    "diff_pruning": MainJob(
+        {"target_density": 0.03, "projection_step": 50},
+        lr=5e-4,
+        evidence="projection halfway through the 100 steps; lr: benchmarks/results/sweeps/diff_pruning (in progress)",
+    ),
+    "smt": MainJob(
+        {"block_size": 64, "num_blocks": 330, "warmup_steps": 20},
+        lr=5e-4,
+        evidence="block 64 on 576-wide matrices; 330 blocks = the paper's ~1% budget; benchmarks/results/sweeps/smt",
+    ),
+    "s2ft": MainJob(
+        {"target_modules": ["up_proj", "down_proj"], "up_ratio": 0.02, "down_ratio": 0.02},
+        lr=1e-3,
+        evidence="benchmark of 2026-11-22; equal-budget V/O/up/down: benchmarks/results/sweeps/s2ft-equal",
+    ),
+    "lift": MainJob(
+        {"rank": 16, "filter_rank": 32, "update_interval": 40},
+        lr=1e-3,
+        evidence="LoRA's budget at rank 16; refresh every 40 of 100 steps; 54% = LoRA (benchmarks/results/2026-12-02)",
+    ),
+    "spiel": MainJob(
+        {"rank": 16, "density": None, "reselection_steps": 20, "selection_accumulation_steps": 5},
+        lr=1e-3,
+        evidence="LoRA's budget at rank 16; lr: benchmarks/results/sweeps/spiel (in progress)",
+    ),
+    "rosa": MainJob(
+        {"r": 8, "lora_alpha": 16, "density": 0.02, "schedule": "wl20", "grad_collection_steps": 4},
+        lr=1e-3,
+        sparse_lr=1e-4,
+        evidence="S at the LoRA rate (1e-3) rose the loss from 1.12 to 1.58 and ended at 24%; S at 1e-4: 51% "
+        "(benchmarks/README.md, 2026-11-22)",
+    ),
+    "spp": MainJob({"groups": 16, "scaling": 2.0}, lr=4e-3, evidence="benchmark of 2026-11-22 (2:4 base)"),
+    "lors": MainJob(
+        {"r": 16, "lora_alpha": 16, "gradient": "exact"},
+        lr=5e-4,
+        evidence="LoRA's budget at r=16 (2:4 base); lr: benchmarks/results/sweeps/lors (in progress)",
+    ),
+}
+
+
+#: The DPO recipes run 50 steps instead of 100: fields that follow the step count.
+DPO_OVERRIDES: dict[str, dict[str, Any]] = {"diff_pruning": {"projection_step": 25}}
+
+
+def main_job_config(method: str) -> dict[str, Any]:
+    """A copy of the method's main-job config fields (empty for a method without an entry)."""
+    job = MAIN_JOB.get(method)
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in job.config.items()} if job else {}
