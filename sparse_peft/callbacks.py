@@ -139,13 +139,11 @@ class SparsePeftCallback(TrainerCallback, ExportableState):
             return
         batches = first_batches(dataloader, self.calibration_samples)
         if not batches or "input_ids" not in batches[0]:
-            message = (
+            _warn(
                 f"adapter(s) {pending} need a calibration pass, but this trainer's batches hold no input_ids "
                 f"(e.g. DPO pairs): call sparse_peft.calibrate(model, batches) with a few tokenized batches before "
                 f"training"
             )
-            logger.warning(message)
-            warnings.warn(message, UserWarning, stacklevel=3)
             return
         seen = sum(len(batch["input_ids"]) for batch in batches)
         was_training = model.training
@@ -194,13 +192,17 @@ def _warn_misplaced(model: nn.Module, optimizer: Any) -> None:
     """Warn when the trainer's optimizer trains parameters with other settings than their method asks for."""
     roles = misplaced_parameters(model, optimizer)
     if roles:
-        message = (
+        _warn(
             f"the optimizer trains {', '.join(roles)} with the trainer's learning rate and schedule instead of their "
             f"own settings (e.g. diff pruning's gate_lr): call sparse_peft.use_param_groups(trainer) before "
             f"trainer.train(), or build the optimizer over sparse_peft.param_groups(model, lr=...)"
         )
-        logger.warning(message)
-        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _warn(message: str) -> None:
+    """A warning the user must see: in the log and as a ``UserWarning``."""
+    logger.warning(message)
+    warnings.warn(message, UserWarning, stacklevel=4)
 
 
 def _sync_reference(model: nn.Module) -> None:

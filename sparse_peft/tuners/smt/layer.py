@@ -7,7 +7,6 @@ from functools import partial
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
@@ -70,7 +69,7 @@ class SmtLinear(SparseLayerBase):
         self.sparse_peft_smt_positions = BufferDict({}, persistent=True)
         self._merge_originals: dict[str, tuple[BlockLayout, torch.Tensor]] = {}
         self.selectors: dict[str, BlockSelector] = {}
-        self._grad_acc: dict[str, torch.Tensor] = {}
+        self._grad_acc: dict[str, Window] = {}  # Σ ∂L/∂W of the warm-up (or of the calibration pass)
         self._collecting: set[str] = set()
         self._groups: dict[str, Any] = {}
         self._layouts: dict[str, tuple[tuple, Optional[BlockLayout], int]] = {}
@@ -170,31 +169,24 @@ class SmtLinear(SparseLayerBase):
 
     def finish_calibration(self, adapter_name: str, window: Window) -> None:
         """Keep the (all-reduced) ``Σ ∂L/∂W`` of the calibration batches for :meth:`after_calibration`."""
-        if window.gradient is not None:
-            self._grad_acc[adapter_name] = window.gradient
+        self._grad_acc[adapter_name] = window
 
     def after_calibration(self, adapter_name: str) -> None:
         """Select the blocks of every matrix at exactly the budget and size each matrix's slots to its blocks (the
         first layer to get here does it for all; no optimizer exists yet, so the block tensors can be replaced)."""
         self.selector(adapter_name).select(exact=True)
 
-    @torch.no_grad()
     def _accumulate(self, adapter_name: str, grad_out: torch.Tensor, x: torch.Tensor) -> None:
-        acc = self._grad_acc.get(adapter_name)
-        if acc is None:
-            acc = self._grad_acc[adapter_name] = torch.zeros(self.shape, dtype=torch.float32, device=grad_out.device)
-        acc.addmm_(grad_out.t().float(), x.float())
+        self._grad_acc.setdefault(adapter_name, Window("gradient")).add_gradient(grad_out, x)
 
     @torch.no_grad()
     def block_score_grid(self, adapter_name: str, group: Any = None) -> torch.Tensor:
         """Scores of every block cell from the accumulated gradient (summed over processes); frees ``G``."""
         config = self.adapter_configs[adapter_name]
-        acc = self._grad_acc.pop(adapter_name, None)
-        if acc is None:
-            acc = torch.zeros(self.shape, dtype=torch.float32, device=self._weight_device())
-        if group is not None:
-            dist.all_reduce(acc, group=group)
-        return block_scores(acc, config.block_size, config.block_score)
+        window = self._grad_acc.pop(adapter_name, None) or Window("gradient")
+        if window.gradient is None:  # every rank takes part in the all-reduce, data or not
+            window.gradient = torch.zeros(self.shape, dtype=torch.float32, device=self._weight_device())
+        return block_scores(window.commit(group).gradient, config.block_size, config.block_score)
 
     @torch.no_grad()
     def assign(self, adapter_name: str, coords: torch.Tensor) -> None:
@@ -302,11 +294,14 @@ class SmtLinear(SparseLayerBase):
 
     def export_window(self) -> dict:
         """Open warm-up accumulators (dense ``(out, in)`` lists: checkpoint after the warm-up on large models)."""
-        return {name: {"grad": acc.tolist()} for name, acc in self._grad_acc.items()}
+        return {
+            name: {"grad": w.gradient.tolist()} for name, w in self._grad_acc.items() if w.gradient is not None
+        }
 
     def import_window(self, saved: dict) -> None:
         for name, payload in saved.items():
-            self._grad_acc[name] = torch.tensor(payload["grad"], dtype=torch.float32, device=self._weight_device())
+            gradient = torch.tensor(payload["grad"], dtype=torch.float32, device=self._weight_device())
+            self._grad_acc[name] = Window("gradient", gradient=gradient)
 
 
 class BlockSelector:
