@@ -36,15 +36,28 @@ QUALITY_CLAIM = ("lift", "rosa", "spiel")
 WALL_TIME_CLAIM = ("lift", "spiel", "rosa")  # training time including mask refreshes and selections
 
 
-def all_methods() -> list[str]:
+def all_methods(equal_budget: bool = False) -> list[str]:
+    """The baselines and every method; with ``equal_budget`` also ``<method>@lora_budget`` rows next to the methods
+    whose main-job budget differs from LoRA's."""
     import sparse_peft
+    from sparse_peft.defaults import EQUAL_BUDGET
 
-    return [*BASELINES, *sorted(sparse_peft.METHODS)]
+    methods = [*BASELINES]
+    for method in sorted(sparse_peft.METHODS):
+        methods += [method, f"{method}{EQUAL_SUFFIX}"] if equal_budget and method in EQUAL_BUDGET else [method]
+    return methods
+
+
+EQUAL_SUFFIX = "@lora_budget"
 
 
 def run_method(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any] | None:
-    """Train one method in a fresh process and return its summary (None if it failed; the log says why)."""
+    """Train one method (or ``<method>@lora_budget``: its config at LoRA's trainable count, ``EQUAL_BUDGET`` in
+    ``sparse_peft/defaults.py``) in a fresh process and return its summary (None if it failed; the log says why)."""
+    from sparse_peft.defaults import EQUAL_BUDGET
+
     run_dir = out / "runs" / method
+    method, _, budget = method.partition("@")
     if (run_dir / "summary.json").is_file() and args.reuse:
         return json.loads((run_dir / "summary.json").read_text())
     command = [
@@ -54,20 +67,22 @@ def run_method(method: str, args: argparse.Namespace, out: Path) -> dict[str, An
     ]  # fmt: skip
     if method in PRUNED:
         command += ["--prune", PRUNED[method]]
+    for key, value in EQUAL_BUDGET[method].items() if budget else ():
+        command += ["--set", f"{key}={json.dumps(value)}"]
     if args.quick:
         command += ["--no-reload-check"]
-    log = out / "logs" / f"{method}.log"
+    log = out / "logs" / f"{run_dir.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with log.open("w") as handle:
         code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
-    print(f"{method:<14} exit {code} in {time.perf_counter() - start:.0f} s (log: {log})", flush=True)
+    print(f"{run_dir.name:<14} exit {code} in {time.perf_counter() - start:.0f} s (log: {log})", flush=True)
     produced = Path(command[command.index("--output") + 1]) / "summary.json"
     if code != 0 or not produced.is_file():
         return None
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     if run_dir.exists():
-        run_dir = run_dir.with_name(f"{method}-previous-{int(time.time())}")
+        run_dir = run_dir.with_name(f"{run_dir.name}-previous-{int(time.time())}")
     produced.parent.rename(run_dir)
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -154,7 +169,8 @@ def targets(rows: dict[str, dict[str, Any]]) -> str:
     lines = ["| method | target | where it stands |", "|---|---|---|"]
     full = rows.get("full") or {}
     lora_quality = ((rows.get("lora") or {}).get("after") or {}).get("exact_match")
-    for method, row in rows.items():
+    for label, row in rows.items():
+        method = label.partition("@")[0]  # "<method>@lora_budget" rows are checked as their method
         checks: list[tuple[str, str]] = []
         if method in ENTRY_SPARSE:
             checks.append(("step ≤ 1.05x LoRA", _ratio_target(row, "median_step_seconds_vs_lora", 1.05, "step")))
@@ -195,7 +211,7 @@ def targets(rows: dict[str, dict[str, Any]]) -> str:
             after = (row.get("after") or {}).get("exact_match")
             ok = None if after is None or lora_quality is None else after >= lora_quality
             checks.append(("quality ≥ LoRA", _verdict(ok, f"{_fmt(after, 'pct')} vs LoRA {_fmt(lora_quality, 'pct')}")))
-        lines += [f"| {method} | {name} | {verdict} |" for name, verdict in checks]
+        lines += [f"| {label} | {name} | {verdict} |" for name, verdict in checks]
     return "\n".join(lines)
 
 
@@ -260,12 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for results, logs and runs")
     parser.add_argument("--reuse", action="store_true", help="keep summaries already in OUT/runs (resume a run)")
+    parser.add_argument(
+        "--equal-budget", action="store_true", help="add <method>@lora_budget rows (LoRA's trainable count)"
+    )
     args = parser.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 100)
     args.n_eval = args.n_eval if args.n_eval is not None else (10 if args.quick else 100)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    methods = args.methods.split(",") if args.methods else all_methods()
+    methods = args.methods.split(",") if args.methods else all_methods(args.equal_budget)
     started = {**machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     start = time.perf_counter()
     rows: dict[str, dict[str, Any]] = {}

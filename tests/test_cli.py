@@ -186,3 +186,34 @@ def test_train_runs_the_calibration_pass_first(tiny_model_dir, tmp_path, method)
     if method == "smt":
         assert summary["calibration"]["samples"] == 2 * 4  # warmup_steps batches
         assert summary["trainable_parameters_at_start"] == summary["trainable_parameters"] == 7 * 16 * 16
+
+
+def test_equal_budget_settings_give_loras_trainable_count():
+    """defaults.EQUAL_BUDGET reaches LoRA r=16's trainable count (within 1.5%) on SmolLM2-135M's shapes."""
+    import copy
+
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparse_peft.defaults import EQUAL_BUDGET
+
+    config = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3,
+        vocab_size=32, tie_word_embeddings=True,
+    )  # fmt: skip
+    base = LlamaForCausalLM(config)
+
+    def trainable(method, overrides):
+        model = get_peft_model(copy.deepcopy(base), build_config(method, overrides))
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    lora = trainable("lora", {})
+    entries = sum(m.in_features * m.out_features for n, m in base.named_modules() if n.endswith("_proj"))
+    for method, overrides in EQUAL_BUDGET.items():
+        if method == "smt":  # allocated at the calibration: num_blocks blocks of 64 x 64 (on the 30-layer model)
+            count = overrides["num_blocks"] * 64 * 64 * 2 / 30
+        elif method == "diff_pruning":  # the projection keeps target_density of all targeted entries
+            count = overrides["target_density"] * entries
+        else:
+            count = trainable(method, overrides)
+        assert abs(count / lora - 1) < 0.015, (method, count, lora)
