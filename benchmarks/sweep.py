@@ -9,7 +9,8 @@ Every point of the grid (learning rates x the product of the ``--grid`` fields, 
 top of the method's main-job defaults) trains in its own process through ``sparse-peft train`` (SmolLM2-135M, the
 built-in task, 100 steps, batch 8 unless changed; no reload check), so each row is a main-job run. ``--reuse`` keeps
 the points whose summary is already in OUT (a sweep spread over several sessions). The table (``OUT/sweep.md``,
-written after every point) gives exact match before/after, the first and last logged loss, the largest logged
+rewritten after every point over every finished point in OUT, earlier invocations' included) gives exact match
+before/after, the first and last logged loss, the largest logged
 gradient norm and the median step time; ``OUT/sweep.json`` holds the full summaries with their loss curves.
 """
 
@@ -117,6 +118,23 @@ def table(method: str, rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def completed(out: Path) -> dict[str, dict[str, Any]]:
+    """Every finished point in ``OUT/runs`` (this invocation's and earlier ones'), by name."""
+    rows = {}
+    for summary in sorted((out / "runs").glob("*/summary.json")):
+        name = summary.parent.name
+        if "-previous-" not in name:
+            rows[name] = json.loads(summary.read_text())
+    return rows
+
+
+def write_tables(method: str, out: Path) -> None:
+    """``OUT/sweep.md`` and ``OUT/sweep.json`` over all finished points (atomic writes)."""
+    rows = completed(out)
+    atomic_write(str(out / "sweep.md"), lambda tmp: Path(tmp).write_text(table(method, rows) + "\n"))
+    atomic_write(str(out / "sweep.json"), lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
 
@@ -146,9 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
             continue
         rows[name] = summary
-        atomic_write(str(out / "sweep.md"), lambda tmp: Path(tmp).write_text(table(args.method, rows) + "\n"))
-        atomic_write(str(out / "sweep.json"), lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
-    print(table(args.method, rows))
+        write_tables(args.method, out)
+    print(table(args.method, completed(out)))
     if failed:
         print(f"FAILED: {', '.join(failed)} (see {out / 'logs'})")
         return 1
