@@ -30,14 +30,16 @@ class MainJob:
 
 MAIN_JOB: dict[str, MainJob] = {
     "snell": MainJob(
-        {"r": 16, "sparsity": 0.9},
+        {"r": 16, "sparsity": 0.9, "kernel_scale": 1.0},
         lr=2e-3,
-        evidence="LoRA's budget at r=16; lr: benchmarks/results/sweeps/snell (in progress)",
+        evidence="LoRA's budget at r=16; benchmarks/results/sweeps/snell: kernel_scale 0.1 (the reference's, for ViTs) "
+        "gave 4% at lr 2e-3 and 10% at 5e-3 (ΔW_s grows like c²: too small to learn in 100 steps); 1.0 gave 42%",
     ),
     "diff_pruning": MainJob(
         {"target_density": 0.03, "projection_step": 50},
-        lr=5e-4,
-        evidence="projection halfway through the 100 steps; lr: benchmarks/results/sweeps/diff_pruning (in progress)",
+        lr=1.5e-4,
+        evidence="projection halfway through the 100 steps; benchmarks/results/sweeps/diff_pruning (gates at "
+        "gate_lr 0.1): lr 5e-5 18%, 1.5e-4 26%, 5e-4 9%",
     ),
     "smt": MainJob(
         {"block_size": 64, "num_blocks": 330, "warmup_steps": 20},
