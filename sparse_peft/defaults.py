@@ -44,7 +44,9 @@ MAIN_JOB: dict[str, MainJob] = {
     "smt": MainJob(
         {"block_size": 64, "num_blocks": 330, "warmup_steps": 20},
         lr=5e-4,
-        evidence="block 64 on 576-wide matrices; 330 blocks = the paper's ~1% budget; benchmarks/results/sweeps/smt",
+        evidence="block 64 on 576-wide matrices; 330 blocks = the paper's ~1% budget, chosen by the calibration pass "
+        "on 160 examples: 42% (in-training warm-up, 2026-11-22: 31%); LoRA's budget (1192 blocks): "
+        "benchmarks/results/sweeps/smt",
     ),
     "s2ft": MainJob(
         {"target_modules": ["up_proj", "down_proj"], "up_ratio": 0.02, "down_ratio": 0.02},
@@ -72,7 +74,8 @@ MAIN_JOB: dict[str, MainJob] = {
     "lors": MainJob(
         {"r": 16, "lora_alpha": 16, "gradient": "exact"},
         lr=5e-4,
-        evidence="LoRA's budget at r=16 (2:4 base); lr: benchmarks/results/sweeps/lors (in progress)",
+        evidence="LoRA's budget at r=16 (2:4 base); with the paper's gradient init 10% (Kaiming, 2026-11-22: 6%) "
+        "against lora_pruned's 6% on the same base (benchmarks/results/sweeps/lors, lora_pruned)",
     ),
 }
 
