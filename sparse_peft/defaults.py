@@ -50,9 +50,16 @@ MAIN_JOB: dict[str, MainJob] = {
         "benchmarks/results/sweeps/smt",
     ),
     "s2ft": MainJob(
-        {"target_modules": ["up_proj", "down_proj"], "up_ratio": 0.02, "down_ratio": 0.02},
+        {
+            "target_modules": ["v_proj", "o_proj", "up_proj", "down_proj"],
+            "v_ratio": 0.34,
+            "o_ratio": 0.12,
+            "up_ratio": 0.05,
+            "down_ratio": 0.05,
+        },
         lr=1e-3,
-        evidence="benchmark of 2026-11-22; equal-budget V/O/up/down: benchmarks/results/sweeps/s2ft-equal",
+        evidence="the paper's roles (V heads, single O heads, up/down channels) at LoRA's budget (4,872,960): 53% "
+        "(benchmarks/results/sweeps/s2ft-equal); up/down only at 2% (1,071,360), 2026-11-22: 9%",
     ),
     "lift": MainJob(
         {"rank": 16, "filter_rank": 32, "update_interval": 40},
