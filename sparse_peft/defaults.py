@@ -69,7 +69,8 @@ MAIN_JOB: dict[str, MainJob] = {
     "spiel": MainJob(
         {"rank": 16, "density": None, "reselection_steps": 20, "selection_accumulation_steps": 5},
         lr=1e-3,
-        evidence="LoRA's budget at rank 16; lr: benchmarks/results/sweeps/spiel (in progress)",
+        evidence="LoRA's budget at rank 16; lr 1e-3: 37% (2026-12-02 main job), 3e-4: 23% "
+        "(benchmarks/results/sweeps/spiel)",
     ),
     "rosa": MainJob(
         {"r": 8, "lora_alpha": 16, "density": 0.02, "schedule": "wl20", "grad_collection_steps": 4},
