@@ -53,10 +53,11 @@ class RosaLinear(SparseDeltaLinear):
 
     Mask from gradients without a trainable ``W`` (also on 4-bit bases): while statistics are collected, the engine's
     backward hands this layer the micro-batch's output gradient ``g`` and input ``x``, and ``G = gᵀx`` is added to a
-    float32 accumulator (``G²`` for the Fisher score). That dense ``out x in`` accumulator, and the transient ``G``, are
-    the one dense cost of RoSA: they exist only during the ``grad_collection_steps`` of the collection phase (one per
-    layer, on ``stats_device``) and are freed when the mask is chosen. Statistics are all-reduced over the schedule's
-    process group at every step's end, so every DDP rank holds (and checkpoints) the same sums and picks the same mask.
+    float32 accumulator (for the Fisher score, each example's ``G_i²``: per-sample, not the batch's square). That
+    dense ``out x in`` accumulator, and the transient ``G``, are the one dense cost of RoSA: they exist only during
+    the ``grad_collection_steps`` of the collection phase (one per layer, on ``stats_device``) and are freed when the
+    mask is chosen. Statistics are all-reduced over the schedule's process group at every step's end, so every DDP
+    rank holds (and checkpoints) the same sums and picks the same mask.
 
     Frozen phases: before the mask is final (warm-up and collection) the values sit at zero and the engine gives them
     a zero gradient (``n_trainable=0``), so they neither move nor affect gradient clipping; ``on_pre_optimizer_step``
@@ -181,7 +182,7 @@ class RosaLinear(SparseDeltaLinear):
         """The mask: top-``k`` of the per-sample Fisher ``Σ_i G_i²`` (or of ``|Σ_b G_b|``) over the calibration
         batches; the values start training at step 1 (no collection steps inside training)."""
         config: RosaConfig = self.adapter_configs[adapter_name]
-        scores = window.gradient_sq if window.gradient_sq is not None else window.gradient.abs()
+        scores = gradient_score(window.gradient_sq if window.gradient_sq is not None else window.gradient)
         self.set_mask(adapter_name, topk_positions(scores, self.values[adapter_name].numel(), seed=config.seed))
 
     def delta_term(self, adapter_name: str) -> Optional[tuple[DeltaTerm, torch.Tensor]]:
@@ -284,7 +285,7 @@ class RosaLinear(SparseDeltaLinear):
 
     @torch.no_grad()
     def _observe(self, adapter_name: str, grad_out: torch.Tensor, x: torch.Tensor) -> None:
-        """Add this micro-batch's ``G = gᵀx`` (or ``G²``) to the window, in float32."""
+        """Add this micro-batch's ``G = gᵀx`` (or its examples' ``Σ_i G_i²``) to the window, in float32."""
         window = self._windows[adapter_name]
         config: RosaConfig = self.adapter_configs[adapter_name]
         if config.mask_score == "mean_squared":  # per-sample squares: the empirical Fisher of the paper
