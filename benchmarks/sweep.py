@@ -47,8 +47,11 @@ def _value(raw: str) -> Any:
         return raw
 
 
-def point_name(lr: float | None, fields: dict[str, Any]) -> str:
-    parts = ([f"lr={lr:g}"] if lr is not None else []) + [f"{k}={json.dumps(v)}" for k, v in sorted(fields.items())]
+def point_name(lr: float | None, fields: dict[str, Any], seed: int = 0, sparse_lr: float | None = None) -> str:
+    parts = [f"lr={lr:g}"] if lr is not None else []
+    parts += [f"sparse_lr={sparse_lr:g}"] if sparse_lr is not None else []
+    parts += [f"seed={seed}"] if seed else []
+    parts += [f"{k}={json.dumps(v)}" for k, v in sorted(fields.items())]
     return ",".join(parts).replace('"', "").replace(" ", "") or "defaults"
 
 
@@ -56,10 +59,10 @@ def run_point(
     method: str, lr: float | None, fields: dict[str, Any], args: argparse.Namespace, out: Path
 ) -> dict[str, Any] | None:
     """Train one point in a fresh process; its summary (None if it failed: the log says why)."""
-    name = point_name(lr, fields)
+    name = point_name(lr, {**_fixed(args.set), **fields}, args.seed, args.sparse_lr)
     done = out / "runs" / name / "summary.json"
-    if done.is_file() and args.reuse:
-        return json.loads(done.read_text())
+    if args.reuse and name in completed(out):
+        return completed(out)[name]
     run_dir = out / "runs" / f"{name}-{int(time.time())}"
     command = [
         sys.executable, "-m", "sparse_peft.cli", "train", "--method", method, "--steps", str(args.steps),
@@ -68,6 +71,8 @@ def run_point(
     ]  # fmt: skip
     if lr is not None:
         command += ["--lr", f"{lr:g}"]
+    if args.seed:
+        command += ["--seed", str(args.seed)]
     if args.prune:
         command += ["--prune", args.prune]
     if args.sparse_lr is not None:
@@ -119,8 +124,10 @@ def table(method: str, rows: dict[str, dict[str, Any]]) -> str:
 
 
 def completed(out: Path) -> dict[str, dict[str, Any]]:
-    """Every finished point in ``OUT/runs`` (this invocation's and earlier ones'), by name."""
-    rows = {}
+    """Every finished point, by name: those recorded in ``OUT/sweep.json`` (earlier sessions', whose ``runs/`` are
+    not committed) and those in ``OUT/runs`` (a run folder's summary wins over the recorded one)."""
+    recorded = out / "sweep.json"
+    rows: dict[str, dict[str, Any]] = json.loads(recorded.read_text()) if recorded.is_file() else {}
     for summary in sorted((out / "runs").glob("*/summary.json")):
         name = summary.parent.name
         if "-previous-" not in name:
@@ -147,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a fixed config field")
     parser.add_argument("--prune", default=None, help="prune the base first, e.g. 2:4 (SPP, LoRS, lora on 2:4)")
     parser.add_argument("--sparse-lr", type=float, default=None, help="RoSA: the sparse values' learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (a point's name carries it when not 0)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--n-eval", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", required=True, help="folder for the table, summaries and logs")
-    parser.add_argument("--reuse", action="store_true", help="keep points already in OUT/runs")
+    parser.add_argument("--reuse", action="store_true", help="keep points already in OUT (runs/ or sweep.json)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     rates = [float(v) for v in args.lr.split(",")] if args.lr else [None]
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for lr, fields in itertools.product(rates, grid_points(args.grid)):
         summary = run_point(args.method, lr, fields, args, out)
-        name = point_name(lr, fields)
+        name = point_name(lr, {**_fixed(args.set), **fields}, args.seed, args.sparse_lr)
         if summary is None:
             failed.append(name)
             continue

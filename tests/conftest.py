@@ -82,3 +82,26 @@ def char_tokenizer():
     from helpers_tasks import tiny_chat_tokenizer
 
     return tiny_chat_tokenizer()
+
+
+SFT_TEXTS = ["hello world", "sparse diffs", "abc def", "one two"]
+
+
+def sft_trainer(model, output_dir, callbacks=(), texts=SFT_TEXTS, **overrides):
+    """A TRL ``SFTTrainer`` over the tiny model on a few character-level texts, on the CPU (no saving, no reports);
+    ``overrides`` go into its ``SFTConfig``."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    settings = dict(
+        output_dir=str(output_dir), max_steps=1, per_device_train_batch_size=2, report_to=[], save_strategy="no",
+        max_length=32, use_cpu=True, bf16=False, fp16=False, disable_tqdm=True,
+    )  # fmt: skip
+    settings.update(overrides)
+    return SFTTrainer(
+        model=model,
+        args=SFTConfig(**settings),
+        processing_class=char_tokenizer(),
+        train_dataset=Dataset.from_dict({"text": list(texts)}),
+        callbacks=list(callbacks),
+    )

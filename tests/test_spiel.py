@@ -185,6 +185,7 @@ def test_save_reload_after_regrowth(tmp_path):
         ({"reselection_steps": 5, "selection_accumulation_steps": 5}, "must be smaller than"),
         ({"selection_algorithm": "magic"}, "selection_algorithm"),
         ({"density": None}, "needs density or rank"),
+        ({"initial_selection": "magnitude"}, "initial_selection must be 'window'"),
     ],
 )
 def test_config_errors(kwargs, match):
@@ -208,3 +209,83 @@ def test_window_statistics_follow_gradient_clipping():
         sums[clip] = (layer._windows["default"].sum_g.clone(), float(total))
     (plain, norm), (clipped, _) = sums[None], sums[1e-4]
     assert torch.allclose(clipped, plain * (1e-4 / norm), rtol=1e-3, atol=1e-12)
+
+
+def test_calibrated_initial_selection_is_top_k_of_summed_gradient():
+    """initial_selection='calibration': the pass picks the top-k of |Σ_b G_b| (brute force: the dense weight
+    gradient over the same batches), values stay zero, and step S replaces ζ(S)·k slots, not all of them."""
+    from sparse_peft import calibrate
+
+    batches = [INPUT, INPUT.flip(1)]
+    model, optimizer = make(initial_selection="calibration")
+    layer = spiel_layers(model)[0]
+    base = layer.get_base_layer()
+    base.weight.requires_grad_(True)
+    with model.disable_adapter():  # values are zero: the adapter does not change the gradient
+        for batch in batches:
+            model(batch, labels=batch).loss.backward()
+    dense = base.weight.grad.detach().abs().reshape(-1).clone()
+    base.weight.requires_grad_(False)
+    base.weight.grad = None
+    model.zero_grad(set_to_none=True)
+
+    random_start = layer.indices["default"].clone()
+    assert calibrate(model, batches)["SpielLinear"] == len(spiel_layers(model))
+    k = layer.indices["default"].numel()
+    chosen = set(layer.indices["default"].tolist())
+    kth = torch.topk(dense, k).values[-1]
+    differ = chosen ^ set(torch.topk(dense, k).indices.tolist())
+    assert all(abs(dense[i] - kth) < 1e-6 for i in differ)
+    assert set(random_start.tolist()) != chosen
+    assert torch.equal(layer.indices["default"], layer.indices["default"].sort().values)
+    assert not layer.values["default"].any()
+    assert calibrate(model, batches) == {}  # done once
+
+    before = layer.indices["default"].clone()
+    moved = run(model, optimizer, 2, total=100)  # step S = 2: an ordinary selection, p = 0.5·(1 − 2/100)
+    assert moved[0] == 0 and 0 < moved[1]
+    changed = int((layer.indices["default"] != before).sum())
+    assert 0 < changed <= int(k * 0.5 * (1 - 2 / 100))
+
+
+def test_uncalibrated_initial_selection_warns_and_falls_back_to_the_window():
+    model, optimizer = make(initial_selection="calibration")
+    layer = spiel_layers(model)[0]
+    before = layer.indices["default"].clone()
+    with pytest.warns(UserWarning, match="sparse_peft.calibrate"):
+        moved = run(model, optimizer, 2, total=100)
+    assert moved[1] > 0
+    assert int((layer.indices["default"] != before).sum()) > 0.9 * before.numel()  # p = 1 at step S
+
+
+def test_loaded_calibrated_adapter_is_not_recalibrated(tmp_path):
+    from peft import PeftModel
+
+    from sparse_peft import calibrate
+
+    model, _ = make(initial_selection="calibration")
+    calibrate(model, [INPUT])
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    layer = spiel_layers(loaded)[0]
+    assert not layer.uncalibrated and "default" in layer.calibrated
+    assert torch.equal(layer.indices["default"], spiel_layers(model)[0].indices["default"])
+    assert calibrate(loaded, [INPUT]) == {}
+
+
+def test_sft_trainer_callback_calibrates_the_initial_selection(tmp_path):
+    import warnings
+
+    from conftest import sft_trainer
+
+    from sparse_peft import SparsePeftCallback
+
+    model, _ = make(initial_selection="calibration")
+    before = [layer.indices["default"].clone() for layer in spiel_layers(model)]
+    trainer = sft_trainer(model, tmp_path / "out", [SparsePeftCallback(calibration_samples=4)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*were not calibrated")  # the fallback: no calibration ran
+        trainer.train()
+    for layer, old in zip(spiel_layers(trainer.model), before, strict=True):
+        assert not layer.uncalibrated and "default" in layer.calibrated
+        assert not torch.equal(layer.indices["default"], old)

@@ -321,27 +321,13 @@ def test_lors_without_calibration_warns_and_trains_from_kaiming():
 
 
 def test_sft_trainer_callback_calibrates_lors_on_the_first_batches(tmp_path):
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from conftest import sft_trainer
 
     from sparse_peft import SparsePeftCallback
 
     model = adapted("lors", r=2)
     before = layers(model)[0].factors("default")[0].detach().clone()
-    args = SFTConfig(
-        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, report_to=[],
-        save_strategy="no", max_length=32, use_cpu=True, bf16=False, fp16=False, disable_tqdm=True,
-        learning_rate=1e-12,
-    )  # fmt: skip
-    from conftest import char_tokenizer
-
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        processing_class=char_tokenizer(),
-        train_dataset=Dataset.from_dict({"text": ["hello world", "sparse diffs", "abc def", "one two"]}),
-        callbacks=[SparsePeftCallback(calibration_samples=4)],
-    )
+    trainer = sft_trainer(model, tmp_path / "out", [SparsePeftCallback(calibration_samples=4)], learning_rate=1e-12)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         trainer.train()

@@ -26,6 +26,18 @@ class SpielConfig(SparseConfig):
       scored by the gradient accumulated over the window; new slots' Adam moments are reseeded from it.
     * ``"sm3"`` (SpIEL-MA): train with :class:`sparse_peft.SparseSM3`; inactive positions are scored by the outer
       product of its row and column accumulators, so no dense gradient is ever formed.
+
+    Initial selection (``initial_selection``):
+
+    * ``"window"`` (the reference's): a seeded random start that the first in-training window replaces completely
+      at step S (``p = 1``), its candidates nominated by one micro-batch's gradient;
+    * ``"calibration"``: the calibration pass (:func:`sparse_peft.calibrate`, which
+      :class:`sparse_peft.SparsePeftCallback` runs on the first training batches) chooses the initial entries
+      before training by the same growth criterion, the top-``k`` of ``|Σ_b G_b|`` over every calibration batch
+      (``G_b = ∂L/∂W`` of batch ``b``), so the first S steps train gradient-selected entries instead of random
+      ones, and the selection at step S is an ordinary one (``p = ζ(S)``). The paper's intent (the initial mask is
+      gradient-selected) on more data than one micro-batch; a training forward that was not calibrated warns and
+      falls back to ``"window"``.
     """
 
     method: ClassVar[str] = "spiel"
@@ -39,6 +51,10 @@ class SpielConfig(SparseConfig):
     reselection_rate_policy: Literal["linear", "cosine"] = field(default="linear", metadata={"help": "Decay of ζ."})
     total_steps: Optional[int] = field(
         default=None, metadata={"help": "T: no selection after this step (default: the trainer's max_steps)."}
+    )
+    initial_selection: Literal["window", "calibration"] = field(
+        default="window",
+        metadata={"help": "'window': random start replaced at step S; 'calibration': chosen by sparse_peft.calibrate."},
     )
 
     def __post_init__(self) -> None:
@@ -61,10 +77,17 @@ class SpielConfig(SparseConfig):
             raise ValueError(f"{owner}.selection_algorithm must be 'rigl' or 'sm3', got {self.selection_algorithm!r}")
         if self.reselection_rate_policy not in ("linear", "cosine"):
             raise ValueError(f"{owner}.reselection_rate_policy must be 'linear' or 'cosine'")
+        if self.initial_selection not in ("window", "calibration"):
+            raise ValueError(
+                f"{owner}.initial_selection must be 'window' (random start, replaced at step "
+                f"selection_accumulation_steps) or 'calibration' (chosen by sparse_peft.calibrate before training), "
+                f"got {self.initial_selection!r}"
+            )
 
-    def reselection_rate(self, step: int, total_steps: int) -> float:
-        """Fraction of slots replaced at a selection after ``step`` optimizer steps (1 at the first selection)."""
-        if step == self.selection_accumulation_steps:
+    def reselection_rate(self, step: int, total_steps: int, calibrated: bool = False) -> float:
+        """Fraction of slots replaced at a selection after ``step`` optimizer steps (1 at the first selection,
+        unless the calibration pass chose the initial entries)."""
+        if step == self.selection_accumulation_steps and not calibrated:
             return 1.0
         progress = min(step / total_steps, 1.0) if total_steps else 0.0
         if self.reselection_rate_policy == "cosine":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -10,7 +11,10 @@ import torch.distributed as dist
 
 from ...sparse.delta import SparsePattern
 from ...sparse.regrow import plan_drop_and_grow, reset_slots, unwrap_optimizer
-from ...sparse.select import random_score, topk_positions
+from ...sparse.select import gradient_score, random_score, topk_positions
+from ...sparse.stats import Window as CalibrationWindow
+from ...sparse.stats import calibrating
+from ..base import from_checkpoint
 from ..sparse_delta import SparseDeltaLinear
 from .config import SpielConfig
 
@@ -48,17 +52,72 @@ class SpielLinear(SparseDeltaLinear):
     step count ``t`` per tensor, so we set ``m = m̄(1−β₁ᵗ)``, ``v = v̄(1−β₂ᵗ)``: the bias-corrected moments again equal
     ``m̄`` and ``v̄``, which is the paper's intent.
 
+    Initial selection ``"calibration"``: the calibration pass sets the ``k`` entries to the top-``k`` of
+    ``|Σ_b G_b|`` over its batches (values zero, no optimizer state yet); the adapter is then *calibrated* and its
+    selection at step S replaces ``ζ(S)·k`` slots instead of all of them. A loaded adapter of such a config counts as
+    calibrated (its file holds the chosen entries), which also keeps a resume exact.
+
     Distributed: the first micro-batch's dense gradient (a transient of this layer) and every step's candidate
     statistics are all-reduced on a process group of their own before anything is chosen, so all ranks agree.
     """
 
     prefix = "sparse_peft_spiel_"
-    _adapter_state = (*SparseDeltaLinear._adapter_state, "_windows", "_collecting")
+    _adapter_state = (*SparseDeltaLinear._adapter_state, "_windows", "_collecting", "uncalibrated", "calibrated")
+    calibrates_at_train_begin = True  # the initial selection changes the index buffer and zero values; shapes stay
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._windows: dict[str, Window] = {}
         self._collecting: set[str] = set()
+        self.uncalibrated: set[str] = set()
+        self.calibrated: set[str] = set()
         super().__init__(*args, **kwargs)
+
+    def update_layer(self, adapter_name: str, config: SpielConfig, **kwargs: Any) -> None:
+        super().update_layer(adapter_name, config, **kwargs)
+        self.calibrated.discard(adapter_name)
+        if config.initial_selection == "calibration" and config.init_weights and not from_checkpoint(config):
+            self.uncalibrated.add(adapter_name)
+
+    # ---- initial selection by the calibration pass (initial_selection="calibration") ---------------------------
+    def calibration_mode(self, adapter_name: str) -> Optional[str]:
+        return "gradient" if adapter_name in self.uncalibrated else None
+
+    @torch.no_grad()
+    def finish_calibration(self, adapter_name: str, window: CalibrationWindow) -> None:
+        """Initial entries: the top-``k`` of ``|Σ_b G_b|`` over the calibration batches; values restart at zero."""
+        if window.gradient is None:
+            raise RuntimeError(f"SpIEL calibration of {self.module_name} saw no batches; pass at least one batch")
+        config: SpielConfig = self.adapter_configs[adapter_name]
+        values, indices = self.values[adapter_name], self.indices[adapter_name]
+        positions = topk_positions(gradient_score(window.gradient), values.numel(), seed=config.seed)
+        indices.copy_(torch.sort(positions.long()).values.to(device=indices.device, dtype=indices.dtype))
+        values.zero_()
+        values.grad = None
+        self.uncalibrated.discard(adapter_name)
+        self.calibrated.add(adapter_name)
+
+    def prepare_load(self, module_key: str, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+        """A loaded adapter's entries are chosen: no calibration over them (and, for ``"calibration"``, no full
+        replacement at step S)."""
+        super().prepare_load(module_key, adapter_name, state_dict)
+        self.uncalibrated.discard(adapter_name)
+        config = self.adapter_configs.get(adapter_name)
+        if config is not None and config.initial_selection == "calibration":
+            self.calibrated.add(adapter_name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        pending = [n for n in self.active_adapters if n in self.uncalibrated]
+        if pending and self.training and torch.is_grad_enabled() and not calibrating() and not self._adapters_off():
+            warnings.warn(
+                f"SpielConfig(initial_selection='calibration') on {self.module_name}: adapter(s) {pending} were not "
+                f"calibrated; call sparse_peft.calibrate(model, batches) before training (SparsePeftCallback does it "
+                f"on the first batches). Falling back to the random start that step "
+                f"selection_accumulation_steps replaces",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.uncalibrated.difference_update(pending)
+        return super().forward(x, *args, **kwargs)
 
     # ---- budget and initial mask -------------------------------------------------------------------------
     def budget(self, config: SpielConfig) -> int:
@@ -162,7 +221,7 @@ class SpielLinear(SparseDeltaLinear):
         total = self._total(config, context)
         if not self.selecting(config, step, total):
             return 0
-        rate = config.reselection_rate(step, total)
+        rate = config.reselection_rate(step, total, calibrated=adapter_name in self.calibrated)
         if config.selection_algorithm == "sm3":
             moved = self._regrow_sm3(adapter_name, rate, optimizer)
         else:
