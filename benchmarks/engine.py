@@ -36,8 +36,8 @@ from peft import LoraConfig, ShiraConfig, SupertuningConfig, get_peft_model
 from torch import nn
 
 import sparse_peft
-from sparse_peft.registry import atomic_write
 from sparse_peft.sparse.delta import SparsePattern, sparse_delta_matmul
+from sparse_peft.sparse.io import atomic_write
 from sparse_peft.sparse.select import random_score, topk_positions
 from sparse_peft.tuners.smt.layer import SmtLinear
 

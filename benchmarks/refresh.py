@@ -25,7 +25,7 @@ from peft import PeftModel
 
 import sparse_peft
 from sparse_peft.models import load_model_and_tokenizer
-from sparse_peft.registry import atomic_write
+from sparse_peft.sparse.io import atomic_write
 from sparse_peft.sparse.select import principal_score_and_basis, topk_positions, warm_principal_score
 
 VARIANTS = ("exact", "warm 0", "warm 1", "warm 2")

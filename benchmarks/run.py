@@ -9,8 +9,8 @@ Each method trains in its own process through ``sparse-peft train`` (same model,
 seed and thread count for all), which writes ``summary.json`` with quality (exact match before/after), median step
 time, peak resident memory and the part above the loaded frozen model, optimizer-state bytes, trainable parameters
 and adapter bytes. This script collects the summaries into ``RESULTS/results.json``, a Markdown table with ratios to
-LoRA measured in the same run, and PNG plots. Learning rates: each method's main-job default (``MAIN_JOB_LR`` in
-``sparse_peft/cli.py``); no per-method sweep is run (``benchmarks/sweep.py`` runs those). SPP and LoRS fine-tune a
+LoRA measured in the same run, and PNG plots. Learning rates: each method's main-job default
+(``sparse_peft/defaults.py``); no per-method sweep is run (``benchmarks/sweep.py`` runs those). SPP and LoRS fine-tune a
 2:4-pruned copy of the model (``--prune 2:4``), and so does the ``lora_pruned`` row (PEFT's LoRA on the same pruned
 base), which is their quality reference.
 """

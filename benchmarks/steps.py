@@ -7,11 +7,12 @@ Run by hand::
 
 Why: ``benchmarks/run.py`` trains one method after another, and this 2-core machine's speed drifts by tens of
 percent over minutes (the same LoRA run took 3.4 s and 5.0 s a step an hour apart), which swamps a 5% target. Here
-each method gets its own copy of SmolLM2-135M-Instruct wrapped with its main-job config (``sparse-peft train``'s
-``build_config``), its own AdamW at its main-job learning rate, and the schedule hooks a ``SparsePeftCallback``
-would call (``begin_step``, ``before_optimizer_step``, ``refresh_masks``). Each round runs one optimizer step of
-every method on the same batch of the built-in task (batch 8, chat template, up to 128 tokens; a fresh batch per
-round); the table gives the median over the timed rounds and its ratio to LoRA's.
+each method gets its own copy of SmolLM2-135M-Instruct wrapped with its main-job config
+(``sparse_peft.pipeline.method_config``, as ``sparse-peft train``), its own AdamW at its main-job learning rate, and
+the schedule hooks a ``SparsePeftCallback`` would call (``begin_step``, ``before_optimizer_step``,
+``refresh_masks``). Each round runs one optimizer step of every method on the same batch of the built-in task (batch
+8, chat template, up to 128 tokens; a fresh batch per round); the table gives the median over the timed rounds and
+its ratio to LoRA's.
 
 Methods whose schedule changes what a step does are first run untimed to their steady phase (``--preroll``): RoSA
 past its LoRA warm-up and gradient collection (25 steps), diff pruning past its projection (51 steps: the engine
@@ -33,8 +34,9 @@ from peft import get_peft_model
 
 import sparse_peft
 from sparse_peft.callbacks import ScheduleContext, before_optimizer_step, begin_step, refresh_masks
-from sparse_peft.cli import BASELINE_LR, MAIN_JOB_LR, build_config, lora_budget_sparsity
+from sparse_peft.defaults import main_job_lr
 from sparse_peft.models import load_model_and_tokenizer
+from sparse_peft.pipeline import lora_budget_sparsity, method_config
 from sparse_peft.registry import atomic_write
 from sparse_peft.tasks import _prompt_text, arithmetic_task
 
@@ -46,12 +48,12 @@ class Runner:
     """One method: its wrapped model, optimizer and schedule position."""
 
     def __init__(self, method: str, base: torch.nn.Module, total_steps: int) -> None:
-        config = build_config(method, {})
+        config = method_config(method, {})
         if method == "supertuning":
             config.sparsity = lora_budget_sparsity(base)
         self.method = method
         self.model = get_peft_model(copy.deepcopy(base), config)
-        lr = {**MAIN_JOB_LR, **BASELINE_LR}.get(method, 1e-3)
+        lr = main_job_lr(method)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr)
         self.context = ScheduleContext(total_steps=total_steps)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sparse_peft.registry import atomic_write
+from sparse_peft.sparse.io import atomic_write
 
 
 def grid_points(grid: list[str]) -> list[dict[str, Any]]:

@@ -7,13 +7,17 @@ surgery after the optimizer step and ``zero_grad``), which the callback calls fo
 passes accelerate's optimizer wrapper, whose ``.state`` is the inner optimizer's, so moments move with their slots.
 
 Decisions are pure functions of the weights, of statistics that are all-reduced across processes, and of
-``global_step``: DDP ranks make identical decisions. Open statistics windows are saved with each checkpoint
-(``ExportableState``), so a resumed run repeats the uninterrupted one.
+``global_step``: DDP ranks make identical decisions. Open statistics windows are saved with each checkpoint as
+tensors in a safetensors side file, ``checkpoint-N/sparse_peft_state.safetensors`` (written atomically by the main
+process; its name is recorded in ``trainer_state.json`` through ``ExportableState``), and read back when training
+resumes, whether or not ``restore_callback_states_from_checkpoint`` is set, so a resumed run repeats the
+uninterrupted one.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +31,8 @@ from transformers.trainer_callback import ExportableState
 
 from .calibrate import calibrate, calibration_layers, first_batches
 from .groups import keep_constant_rates, misplaced_parameters
+from .sparse.io import atomic_write
+from .tuners.layer_base import SparseLayerBase
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +49,14 @@ class ScheduleContext:
         return dist.get_world_size(self.group) if self.group is not None else 1
 
 
-def sparse_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, layer)`` for every sparse_peft layer with schedule hooks."""
+def sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseLayerBase]]:
+    """``(name, layer)`` for every sparse_peft layer (each answers the protocol of :class:`SparseLayerBase`)."""
     for name, module in model.named_modules():
-        if callable(getattr(module, "on_step_end", None)) and hasattr(module, "adapter_configs"):
+        if isinstance(module, SparseLayerBase):
             yield name, module
 
 
-def _scheduled(layer: nn.Module) -> list[str]:
+def _scheduled(layer: SparseLayerBase) -> list[str]:
     if layer.disable_adapters or layer.merged:
         return []
     return [name for name in layer.active_adapters if name in layer.adapter_configs]
@@ -105,9 +111,12 @@ def _stats_group() -> Any:
 class SparsePeftCallback(TrainerCallback, ExportableState):
     """Runs the sparse methods' schedules: LIFT's mask refresh and SpIEL's windows and drop-and-regrow."""
 
-    def __init__(self, window_state: dict | None = None, calibration_samples: int = 128) -> None:
-        self.window_state = window_state or {}
+    def __init__(self, calibration_samples: int = 128, state_path: str | None = None) -> None:
+        """``calibration_samples``: examples for the calibration pass at train start; ``state_path``: the side file
+        of open windows to resume from (default: found in the checkpoint being resumed)."""
         self.calibration_samples = calibration_samples
+        self.state_path = state_path
+        self.state_file: str | None = None  # recorded in trainer_state.json: the side file of this checkpoint
         self._model: nn.Module | None = None
         self._context = ScheduleContext()
 
@@ -124,10 +133,28 @@ class SparsePeftCallback(TrainerCallback, ExportableState):
         if model is not None and state.global_step == 0:
             self._calibrate(model, kwargs.get("train_dataloader"))
             _sync_reference(model)
-        saved = self.window_state or _saved_window_state(state)
-        if model is not None and saved and state.global_step > 0:
-            restore_window_state(model, saved)
-        self.window_state = {}
+        if model is not None and state.global_step > 0:
+            self._resume(model, args, state)
+
+    def _resume(self, model: nn.Module, args: TrainingArguments, state: TrainerState) -> None:
+        """Read the open windows of the checkpoint being resumed (its side file), if it recorded any."""
+        record = _saved_record(state)
+        if getattr(self, "window_state", None) or record.get("window_state"):
+            raise ValueError(
+                f"the checkpoint of step {state.global_step} keeps its open statistics windows in the JSON form of "
+                f"earlier sparse_peft releases, which this release does not read: resume it with the release that "
+                f"wrote it, or restart from a checkpoint taken outside a statistics window"
+            )
+        name = self.state_file or record.get("state_file")
+        if name:
+            load_window_state(model, self.state_path or _find_state_file(args, state, name))
+        self.state_file = None
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        """Write the open windows next to the checkpoint just saved (main process; every rank holds the same)."""
+        if self._model is not None and args.should_save:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            save_window_state(self._model, os.path.join(folder, STATE_FILE))
 
     def _calibrate(self, model: nn.Module, dataloader: Any) -> None:
         """The calibration pass (:func:`sparse_peft.calibrate`) on the first ``calibration_samples`` training
@@ -174,8 +201,13 @@ class SparsePeftCallback(TrainerCallback, ExportableState):
             logger.info("step %d: sparse masks changed, %d slots moved", state.global_step, moved)
 
     def state(self) -> dict:
-        saved = collect_window_state(self._model) if self._model is not None else {}
-        return {"args": {}, "attributes": {"window_state": saved}}
+        """What ``trainer_state.json`` records: the side file's name when windows are open (the tensors go into the
+        file itself, written by :meth:`on_save`)."""
+        has_state = self._model is not None and any(_window_tensors(self._model))
+        return {
+            "args": {"calibration_samples": self.calibration_samples},
+            "attributes": {"state_file": STATE_FILE if has_state else None},
+        }
 
 
 def _active_adapter_names(model: nn.Module) -> list[str]:
@@ -215,38 +247,85 @@ def _sync_reference(model: nn.Module) -> None:
         logger.info("copied adapter 'default' into DPO reference adapter %r in %d layers", REFERENCE_ADAPTER, synced)
 
 
-def _saved_window_state(state: TrainerState) -> dict:
-    """Window statistics of a resumed checkpoint, read from its trainer state.
+#: The side file of open statistics windows in a checkpoint folder, and its format tag.
+STATE_FILE = "sparse_peft_state.safetensors"
+STATE_FORMAT = "sparse_peft_window_state"
+_SEP = "::"
+
+
+def _saved_record(state: TrainerState) -> dict:
+    """This callback's attributes in a resumed checkpoint's ``trainer_state.json``.
 
     Trainer only re-creates stateful callbacks when ``restore_callback_states_from_checkpoint`` is set, but it always
-    loads ``stateful_callbacks`` from the checkpoint's ``trainer_state.json``; reading them here makes exact resume
-    the default.
+    loads ``stateful_callbacks`` from the checkpoint; reading them here makes exact resume the default.
     """
     saved = (state.stateful_callbacks or {}).get(SparsePeftCallback.__name__)
     if isinstance(saved, list):
         saved = saved[-1] if saved else None
     if not isinstance(saved, dict):
         return {}
-    return saved.get("attributes", {}).get("window_state", {}) or {}
+    return saved.get("attributes", {}) or {}
 
 
-def collect_window_state(model: nn.Module) -> dict:
-    """JSON-ready statistics of every open window, keyed by layer name and adapter."""
-    result = {}
+def _find_state_file(args: TrainingArguments, state: TrainerState, name: str) -> str:
+    folders = [
+        getattr(args, "resume_from_checkpoint", None),
+        os.path.join(args.output_dir, f"checkpoint-{state.global_step}"),
+    ]
+    for folder in folders:
+        if isinstance(folder, str) and os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise FileNotFoundError(
+        f"the checkpoint of step {state.global_step} records open statistics windows in {name}, but none of "
+        f"{[f for f in folders if isinstance(f, str)]} holds that file: pass SparsePeftCallback(state_path=...) "
+        f"pointing at it (it lies next to the checkpoint's trainer_state.json)"
+    )
+
+
+def _window_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     for name, layer in sparse_layers(model):
-        export = getattr(layer, "export_window", None)
-        if export is not None:
-            for adapter, payload in export().items():
-                result.setdefault(name, {})[adapter] = payload
-    return result
+        for adapter in layer.adapter_configs:
+            for key, tensor in layer.export_state(adapter).items():
+                yield _SEP.join((name, adapter, key)), tensor
 
 
-def restore_window_state(model: nn.Module, saved: dict) -> None:
-    """Put statistics saved by :func:`collect_window_state` back into the layers."""
+def collect_window_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every open window of ``model`` as tensors, keyed ``layer::adapter::name`` (CPU, contiguous copies)."""
+    return {key: tensor.detach().cpu().contiguous().clone() for key, tensor in _window_tensors(model)}
+
+
+def restore_window_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put tensors from :func:`collect_window_state` back into the layers."""
     layers = dict(sparse_layers(model))
-    for name, per_adapter in saved.items():
+    grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in saved.items():
+        name, adapter, field_name = key.split(_SEP)
+        grouped.setdefault((name, adapter), {})[field_name] = tensor
+    for (name, adapter), tensors in grouped.items():
         layer = layers.get(name)
-        if layer is None:
-            logger.warning("checkpoint has window statistics for unknown layer %s; ignored", name)
+        if layer is None or adapter not in layer.adapter_configs:
+            logger.warning("checkpoint has window statistics for unknown layer %s (adapter %s); ignored", name, adapter)
             continue
-        layer.import_window(per_adapter)
+        layer.import_state(adapter, tensors)
+
+
+def save_window_state(model: nn.Module, path: str) -> bool:
+    """Write the open windows of ``model`` to ``path`` (safetensors, atomic); False (no file) when none is open."""
+    from safetensors.torch import save_file
+
+    tensors = collect_window_state(model)
+    if not tensors:
+        return False
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": STATE_FORMAT}))
+    return True
+
+
+def load_window_state(model: nn.Module, path: str) -> None:
+    """Read a side file written by :func:`save_window_state` into the layers of ``model``."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        if (handle.metadata() or {}).get("format") != STATE_FORMAT:
+            raise ValueError(f"{path} is not a sparse_peft window-state file (format {STATE_FORMAT!r})")
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    restore_window_state(model, tensors)

@@ -112,7 +112,37 @@ EQUAL_BUDGET: dict[str, dict[str, Any]] = {
 DPO_OVERRIDES: dict[str, dict[str, Any]] = {"diff_pruning": {"projection_step": 25}}
 
 
+#: The benchmarks' reference points (``sparse-peft train --method NAME``): PEFT's LoRA (r=16 on all linear layers, the
+#: budget of LIFT/SpIEL/LoRS/SNELL at rank 16), full fine-tuning (no adapter), and PEFT's own static entry-sparse
+#: deltas at LoRA's trainable count: ShiRA (r=16 gives r·(m+n) random entries per matrix) and Super-Tuning (top-|W|
+#: entries; its one global ``sparsity`` is set from the loaded model so that the total equals LoRA's, see
+#: :func:`sparse_peft.pipeline.lora_budget_sparsity`). ``lora_pruned`` is PEFT's LoRA trained on the same pruned
+#: base as SPP and LoRS (its merge densifies the weights): the reference that tells pruning damage from method
+#: quality.
+BASELINES: dict[str, MainJob] = {
+    "lora": MainJob({"r": 16, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0}, lr=1e-3),
+    "lora_pruned": MainJob({"r": 16, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0}, lr=1e-3),
+    "full": MainJob({}, lr=5e-5),
+    "shira": MainJob({"r": 16, "target_modules": "all-linear", "random_seed": 0}, lr=1e-3),
+    "supertuning": MainJob({"target_modules": "all-linear"}, lr=1e-3),
+}
+#: Baselines trained on a pruned base unless ``--prune`` says otherwise.
+PRUNED_BASELINES: dict[str, str] = {"lora_pruned": "2:4"}
+
+
 def main_job_config(method: str) -> dict[str, Any]:
-    """A copy of the method's main-job config fields (empty for a method without an entry)."""
-    job = MAIN_JOB.get(method)
+    """A copy of the method's (or baseline's) main-job config fields (empty for a method without an entry)."""
+    job = MAIN_JOB.get(method) or BASELINES.get(method)
     return {k: (list(v) if isinstance(v, list) else v) for k, v in job.config.items()} if job else {}
+
+
+def main_job_lr(method: str) -> float:
+    """The built-in task's learning rate of a method or baseline (1e-3 for one without an entry)."""
+    job = MAIN_JOB.get(method) or BASELINES.get(method)
+    return job.lr if job else 1e-3
+
+
+def main_job_sparse_lr(method: str) -> Optional[float]:
+    """RoSA's rate of its sparse values on the built-in task (None: one rate for everything)."""
+    job = MAIN_JOB.get(method)
+    return job.sparse_lr if job else None

@@ -18,7 +18,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from .compat import active_conflicts, installed_version
-from .registry import atomic_write
+from .sparse.io import atomic_write
 
 #: the packages whose versions ``sparse-peft env`` reports, in that order
 REPORTED = ("torch", "peft", "transformers", "trl", "accelerate", "bitsandbytes", "datasets", "gguf", "safetensors")

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from .tuners.layer_base import StorageReport
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -33,13 +35,21 @@ _LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 @dataclass
 class ModuleReport:
-    """One adapted module of a saved adapter."""
+    """One adapted module of a saved adapter: its tensors as a
+    :class:`~sparse_peft.tuners.layer_base.StorageReport` (the same accounting as ``layer.storage_report()``)."""
 
     module: str
     shape: tuple[int, int] | None
-    stored: int
-    nbytes: int
+    storage: StorageReport
     flat_indices: str | None  # safetensors key of the active flat positions, when the method stores them
+
+    @property
+    def stored(self) -> int:
+        return self.storage.entries
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.bytes
 
     @property
     def density(self) -> float | None:
@@ -67,22 +77,20 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, Mod
     config = json.loads(config_file.read_text())
     prefix = str(config.get("peft_type", "")).lower() + "_"
     shapes = _module_shapes(config.get("base_model_name_or_path"))
-    stored: dict[str, int] = defaultdict(int)
-    nbytes: dict[str, int] = defaultdict(int)
+    tensors: dict[str, dict[str, tuple[int, int, str]]] = defaultdict(dict)
     flat: dict[str, str] = {}
     with safe_open(str(weights_file), framework="pt") as handle:
         for key in handle.keys():
             tensor = handle.get_slice(key)
             module, attribute = _split_key(key, prefix)
             numel = _numel(tensor.get_shape())
-            dtype = _dtype_bytes(tensor.get_dtype())
-            nbytes[module] += numel * dtype
-            if tensor.get_dtype().startswith(("F", "BF")):
-                stored[module] += numel
-            elif attribute == "indices":
+            name, size = _DTYPES.get(tensor.get_dtype(), ("float32", 4))
+            tensors[module][attribute] = (numel, numel * size, name)
+            if attribute == "indices":
                 flat[module] = key
     reports = {
-        m: ModuleReport(m, shapes.get(_strip_wrapper(m)), stored[m], nbytes[m], flat.get(m)) for m in sorted(nbytes)
+        m: ModuleReport(m, shapes.get(_strip_wrapper(m)), StorageReport(tensors[m]), flat.get(m))
+        for m in sorted(tensors)
     }
     return config, reports
 
@@ -106,9 +114,12 @@ def _numel(shape: list[int]) -> int:
     return result
 
 
-def _dtype_bytes(name: str) -> int:
-    sizes = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-    return sizes.get(name, 4)
+#: safetensors dtype codes -> (torch dtype name, bytes per element)
+_DTYPES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+}  # fmt: skip
 
 
 def _module_shapes(base: str | None) -> dict[str, tuple[int, int]]:

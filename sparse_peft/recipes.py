@@ -54,10 +54,13 @@ class SparseScriptArguments:
 
 
 def method_config(script: SparseScriptArguments):
-    """The sparse method's PEFT config from ``--method`` and ``--method_config``."""
+    """The sparse method's PEFT config from ``--method`` and ``--method_config`` (the paper's defaults, then the
+    given fields: a recipe states every field it changes)."""
     from . import METHODS
+    from .pipeline import canonical_method
+    from .pipeline import method_config as build
 
-    method = script.method.replace("-", "_")
+    method = canonical_method(script.method)
     if method not in METHODS:
         raise SystemExit(f"unknown method {script.method!r}; available: {', '.join(sorted(METHODS))}")
     fields = script.method_config
@@ -68,11 +71,7 @@ def method_config(script: SparseScriptArguments):
             raise SystemExit(f"--method_config must be a JSON object, e.g. '{{\"rank\": 8}}': {error}") from error
     if not isinstance(fields, dict):
         raise SystemExit(f"method_config must be a mapping of config fields, got {fields!r}")
-    config_cls = METHODS[method][0]
-    unknown = sorted(set(fields) - set(config_cls.__dataclass_fields__))
-    if unknown:
-        raise SystemExit(f"{config_cls.__name__} has no field(s) {', '.join(unknown)}")
-    return config_cls(task_type="CAUSAL_LM", **fields)
+    return build(method, fields, main_job=False)
 
 
 def parse(kind: str, argv: list[str]) -> tuple[SparseScriptArguments, Any]:
@@ -86,58 +85,30 @@ def parse(kind: str, argv: list[str]) -> tuple[SparseScriptArguments, Any]:
     return parser.parse_args_and_config(args=argv)
 
 
-def _check_output_dir(training: Any) -> None:
-    path = Path(training.output_dir)
-    resuming = bool(getattr(training, "resume_from_checkpoint", None))
-    if path.exists() and any(path.iterdir()) and not resuming:
-        raise SystemExit(
-            f"output_dir {path} already holds files; sparse-peft never writes into a finished run. Pass a new "
-            f"--output_dir, or --resume_from_checkpoint to continue it."
-        )
-
-
-def _data(kind: str, script: SparseScriptArguments):
-    from .tasks import arithmetic_task, load_dataset_any, preference_task
-
-    if script.dataset_name is None:
-        build = arithmetic_task if kind == "sft" else preference_task
-        return build(n_train=script.n_train, n_eval=script.n_eval)
-    train = load_dataset_any(script.dataset_name)
-    evaluation = load_dataset_any(script.eval_dataset_name, require_answer=True) if script.eval_dataset_name else None
-    return train, evaluation
-
-
-def _evaluate(model, tokenizer, dataset, label: str) -> float | None:
-    from .tasks import evaluate_exact_match
-
-    if dataset is None or len(dataset) == 0:
-        return None
-    result = evaluate_exact_match(model, tokenizer, dataset)
-    print(f"[{label}] exact match {result['exact_match']:.1%} (n={result['n']})", flush=True)
-    return result["exact_match"]
-
-
 def run(kind: str, argv: list[str]) -> int:
-    """Run ``sparse-peft sft`` (``kind='sft'``) or ``sparse-peft dpo`` (``kind='dpo'``)."""
+    """Run ``sparse-peft sft`` (``kind='sft'``) or ``sparse-peft dpo`` (``kind='dpo'``) through the pipeline's
+    stages (:mod:`sparse_peft.pipeline`)."""
     from peft import get_peft_model
     from trl import DPOTrainer, SFTTrainer
 
+    from . import pipeline
     from .callbacks import SparsePeftCallback
     from .models import load_model_and_tokenizer
+    from .prune import parse_prune_spec
 
     script, training = parse(kind, argv)
     if script.sparse_learning_rate is not None and script.method != "rosa":
         raise SystemExit(f"--sparse_learning_rate applies to method rosa only, not {script.method}")
     peft_config = method_config(script)
-    _check_output_dir(training)
+    resuming = bool(getattr(training, "resume_from_checkpoint", None))
+    pipeline.fresh_output_dir(training.output_dir, script.method, resuming=resuming)
     model, tokenizer = load_model_and_tokenizer(script.model_name_or_path)
-    train_set, eval_set = _data(kind, script)
+    train_set, eval_set = pipeline.load_data(
+        script.dataset_name, script.eval_dataset_name, script.n_train, script.n_eval, kind=kind
+    )
     if script.prune:
-        from .cli import pruner
-        from .prune import parse_prune_spec
-
-        print(f"pruned {script.prune}: {pruner(parse_prune_spec(script.prune), tokenizer, train_set)(model)}")
-    before = _evaluate(model, tokenizer, eval_set, "before")
+        model = pipeline.base_preparer(parse_prune_spec(script.prune), None, tokenizer, train_set)(model, report=True)
+    before = _exact_match(pipeline.evaluate(model, tokenizer, eval_set, "before"))
     if kind == "dpo" and not peft_config.starts_as_identity and not script.wrap_first:
         print(f"{script.method}: a fresh adapter is not the identity, so the DPO reference is a frozen copy of it")
         script.wrap_first = True
@@ -153,26 +124,20 @@ def run(kind: str, argv: list[str]) -> int:
         callbacks=[SparsePeftCallback()],
     )
     if kind == "sft":  # data-driven selections before the optimizer exists (DPO batches hold pairs, not input_ids)
-        from .cli import calibrate_before_training
-
-        calibrate_before_training(trainer, peft_config, training.per_device_train_batch_size)
-    if script.sparse_learning_rate is not None:
-        from .tuners.rosa import use_rosa_learning_rates
-
-        use_rosa_learning_rates(trainer, script.sparse_learning_rate)
-    else:
-        from .groups import declared_settings, use_param_groups
-
-        if declared_settings(trainer.model):  # e.g. diff pruning's gate logits: their own rate, constant
-            use_param_groups(trainer)
+        pipeline.calibrate_before_training(trainer, peft_config, training.per_device_train_batch_size)
+    pipeline.use_learning_rates(trainer, script.sparse_learning_rate)
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
-    after = _evaluate(trainer.model, tokenizer, eval_set, "after")
+    after = _exact_match(pipeline.evaluate(trainer.model, tokenizer, eval_set, "after"))
     adapter_dir = Path(training.output_dir) / "adapter"
     trainer.model.save_pretrained(str(adapter_dir))
     summary = _summary(kind, script, trainer, before, after, adapter_dir)
-    (Path(training.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    pipeline.write_summary(Path(training.output_dir) / "summary.json", summary)
     print(json.dumps(summary, indent=2, default=str), flush=True)
     return 0
+
+
+def _exact_match(result: dict[str, Any] | None) -> float | None:
+    return None if result is None else result["exact_match"]
 
 
 def _summary(kind: str, script: SparseScriptArguments, trainer, before, after, adapter_dir: Path) -> dict[str, Any]:

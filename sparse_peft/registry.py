@@ -15,12 +15,10 @@ so that a bare ``KeyError: 'SPARSE_PEFT_LIFT'`` from a process that forgot ``imp
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.metadata
 import os
 import platform
-import tempfile
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +30,8 @@ from peft.mapping import (
     PEFT_TYPE_TO_TUNER_MAPPING,
 )
 from peft.utils import PeftType, register_peft_method
+
+from .sparse.io import atomic_write
 
 NAMESPACE = "SPARSE_PEFT_"
 
@@ -126,25 +126,6 @@ def register_method(name: str, config_cls: type, model_cls: type) -> PeftType:
 def _same_class(a: type | None, b: type) -> bool:
     """Equal, or the same class re-created by a module reload."""
     return a is b or (a is not None and (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__))
-
-
-def atomic_write(path: str, write: Callable[[str], Any]) -> None:
-    """Write a file through a temporary name in the same folder, then rename it over ``path`` in one step.
-
-    A crash or a full disk leaves either the old file or the new one, never a half-written file.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
 
 
 def _atomic_safe_save(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -105,3 +105,62 @@ def sft_trainer(model, output_dir, callbacks=(), texts=SFT_TEXTS, **overrides):
         train_dataset=Dataset.from_dict({"text": list(texts)}),
         callbacks=list(callbacks),
     )
+
+
+def quantized_base(base_dir, bits: int):
+    """The tiny model at ``base_dir`` loaded as a bitsandbytes 4-bit (NF4) or 8-bit base; skips the calling test
+    when bitsandbytes is not installed (only the quantized cases, never a whole module)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if bits == 4:
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    else:
+        qc = BitsAndBytesConfig(load_in_8bit=True)
+    return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=qc, device_map="cpu", dtype=torch.float32)
+
+
+TEXTS = ["hello world, this is a tiny test.", "sparse adapters are fun!", "one two three four five", "abc def ghi"]
+
+
+def run_sft(base_dir, out, max_steps=4, resume=None, save_steps=2, checkpointing=False, peft_config=None):
+    """SFTTrainer from the saved tiny model with ``peft_config`` (default: a LIFT adapter refreshed every step),
+    checkpoints every ``save_steps``; ``(trainer, logged losses, adapter state dict)``."""
+    from datasets import Dataset
+    from peft import get_peft_model_state_dict
+    from trl import SFTConfig, SFTTrainer
+
+    from sparse_peft import LiftConfig, SparsePeftCallback
+
+    tokenizer = char_tokenizer()
+    args = SFTConfig(
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        learning_rate=2e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=save_steps,
+        max_length=32,
+        use_cpu=True,
+        dataset_num_proc=None,
+        seed=0,
+        data_seed=0,
+        bf16=False,
+        fp16=False,
+        activation_checkpointing=checkpointing,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=str(base_dir),
+        args=args,
+        train_dataset=Dataset.from_dict({"text": TEXTS * 2}),
+        processing_class=tokenizer,
+        peft_config=peft_config or LiftConfig(rank=2, filter_rank=4, update_interval=1),
+        callbacks=[SparsePeftCallback()],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    state = {k: v.clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
+    return trainer, losses, state

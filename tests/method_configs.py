@@ -48,10 +48,11 @@ def ddp_config(method: str):
 #: Per method: config overrides for a bitsandbytes 4-bit (NF4) base.
 QUANTIZED_4BIT: dict[str, dict[str, Any]] = {method: {} for method in TINY_CONFIGS}
 
-#: Methods with a schedule and the overrides that make it act around the step-3 checkpoint of a 6-step run.
+#: Methods with a schedule and the overrides that make it act around the step-3 checkpoint of a 6-step run (with a
+#: statistics window open at the checkpoint where the method has one).
 RESUME_CONFIGS: dict[str, dict[str, Any]] = {
     "lift": {"update_interval": 2},
-    "spiel": {"density": 0.1, "reselection_steps": 3, "selection_accumulation_steps": 2},
+    "spiel": {"density": 0.1, "reselection_steps": 5, "selection_accumulation_steps": 4},  # window open at step 3
     "rosa": {"schedule": "wl2", "grad_collection_steps": 2},
     "smt": {"warmup_steps": 4},
     "diff_pruning": {"projection_step": 2},

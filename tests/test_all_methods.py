@@ -9,11 +9,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import INPUT, tiny_llama
+from conftest import INPUT, quantized_base, run_sft, tiny_llama
 from method_configs import PRUNED_BASE, QUANTIZED_4BIT, RESUME_CONFIGS, TINY_CONFIGS, prepare_base, tiny_config
 from peft import PeftModel, get_peft_model
-from test_quantized import quantized_base
-from test_trainer import run_sft
 
 from sparse_peft import before_optimizer_step, begin_step, refresh_masks
 
@@ -252,3 +250,20 @@ def test_default_config_in_a_bare_loop_trains_or_names_the_fix(method):
         return
     assert losses[-1] < losses[0], (method, losses)
     assert any(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
+
+
+def test_storage_report_counts_what_the_adapter_stores(trained):
+    """``storage_report`` (used by ``sparse-peft train``) and ``sparse-peft inspect`` (which reads the saved file)
+    agree, and every stored float of the trained adapter is a trainable parameter or a frozen learned part (LIFT's
+    retired entries)."""
+    from sparse_peft.inspector import read_adapter
+    from sparse_peft.pipeline import storage_report
+
+    method, model, _, out = trained
+    report = storage_report(model)
+    _, modules = read_adapter(out)
+    assert report.entries == sum(m.stored for m in modules.values()) > 0, method
+    assert report.bytes == sum(m.nbytes for m in modules.values()), method
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(n for name, (n, _, _) in report.tensors.items() if name.startswith("frozen_values"))
+    assert report.entries == trainable + frozen, method

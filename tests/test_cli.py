@@ -9,7 +9,8 @@ import torch
 from conftest import char_tokenizer, tiny_llama
 from transformers import AutoModelForCausalLM
 
-from sparse_peft.cli import build_config, main, parse_set
+from sparse_peft.cli import main, parse_set
+from sparse_peft.pipeline import method_config as build_config
 
 
 @pytest.fixture
@@ -65,7 +66,8 @@ def test_train_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert summary["trainable_parameters"] > 0
     assert summary["before"]["n"] == 4 and summary["after"]["n"] == 4
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
-    assert summary["adapter_bytes"] <= 1.05 * summary["k_times_value_plus_index_bytes"] + 8192
+    assert summary["adapter_bytes"] <= 1.05 * summary["stored_bytes"] + 8192
+    assert summary["stored_entries"] >= summary["trainable_parameters"]  # LIFT: active entries plus retired ones
     for label in ("exact match", "trainable parameters", "median step time", "adapter bytes on disk", "reload check"):
         assert label in printed
 
@@ -183,6 +185,8 @@ def test_train_runs_the_calibration_pass_first(tiny_model_dir, tmp_path, method)
     summary = json.loads((out / "summary.json").read_text())
     layer_class = {"smt": "SmtLinear", "lors": "LorsLinear"}[method]
     assert summary["calibration"]["layers"][layer_class] > 0
+    assert summary["stored_entries"] == summary["trainable_parameters"] > 0  # what the adapter stores, not 0
+    assert set(summary["storage_by_tensor"]) == ({"blocks", "positions"} if method == "smt" else {"A", "B"})
     if method == "smt":
         assert summary["calibration"]["samples"] == 2 * 4  # warmup_steps batches
         assert summary["trainable_parameters_at_start"] == summary["trainable_parameters"] == 7 * 16 * 16

@@ -23,8 +23,9 @@ from sparse_peft import (
     refresh_masks,
     use_param_groups,
 )
-from sparse_peft.cli import build_config, build_parser
+from sparse_peft.cli import build_parser
 from sparse_peft.groups import CONSTANT_LR
+from sparse_peft.pipeline import method_config as build_config
 from sparse_peft.sparse.hard_concrete import expected_l0
 
 
@@ -207,7 +208,7 @@ def test_ddp_guard_names_the_fix():
 
 def test_quantized_4bit_base_trains_through_projection(base_dir):
     pytest.importorskip("bitsandbytes")
-    from test_quantized import quantized_base
+    from conftest import quantized_base
 
     model = get_peft_model(quantized_base(base_dir, 4), config(projection_step=2, target_density=0.05))
     run_loop(model, steps=3)

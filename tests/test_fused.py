@@ -192,7 +192,7 @@ def test_quantized_base_fused_equals_base_kernel_plus_csr(base_dir, bits):
     activations, and 4-bit by bfloat16 arithmetic on CPUs with AVX512-BF16 (exact float32 elsewhere), so that
     comparison takes 2% (8-bit) and 1% (4-bit) of the output's scale."""
     pytest.importorskip("bitsandbytes")
-    from test_quantized import quantized_base
+    from conftest import quantized_base
 
     model = _lift_model(quantized_base(base_dir, bits))
     model.eval()

@@ -6,21 +6,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import INPUT
+from conftest import INPUT, quantized_base
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from sparse_peft import LiftConfig, LiftLinear, refresh_masks
 
 bnb = pytest.importorskip("bitsandbytes")
-
-
-def quantized_base(base_dir, bits: int):
-    if bits == 4:
-        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    else:
-        qc = BitsAndBytesConfig(load_in_8bit=True)
-    return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=qc, device_map="cpu", dtype=torch.float32)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

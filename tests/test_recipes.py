@@ -89,8 +89,8 @@ def test_recipe_settings_are_the_main_job_defaults(recipe):
     sparse_peft.defaults.MAIN_JOB, which the CLI's main job reads as well."""
     import yaml
 
-    from sparse_peft.cli import build_config
     from sparse_peft.defaults import DPO_OVERRIDES, MAIN_JOB
+    from sparse_peft.pipeline import method_config as build_config
 
     data = yaml.safe_load(recipe.read_text())
     job = MAIN_JOB[recipe.stem]

@@ -23,7 +23,7 @@ from sparse_peft import (
     rosa_param_groups,
     save_rosa_masks,
 )
-from sparse_peft.callbacks import collect_window_state, restore_window_state
+from sparse_peft.callbacks import STATE_FILE, load_window_state, save_window_state
 
 
 def rosa_layers(model):
@@ -220,19 +220,20 @@ def test_masks_saved_and_loaded_reproduce_training(tmp_path):
         save_rosa_masks(unselected, tmp_path / "early.safetensors")
 
 
-def test_open_collection_window_resumes_exactly():
-    """G=2: statistics saved after the first collection step (JSON, as in a trainer checkpoint) give the same mask."""
+def test_open_collection_window_resumes_exactly(tmp_path):
+    """G=2: statistics saved after the first collection step (the checkpoint's side file) give the same mask."""
     model, optimizer = make(schedule="default", grad_collection_steps=2)
     train(model, optimizer, 2)
     expected = [layer.indices["default"].clone() for layer in rosa_layers(model)]
 
     model, optimizer = make(schedule="default", grad_collection_steps=2)
     train(model, optimizer, 1)
-    saved = json.loads(json.dumps(collect_window_state(model)))  # what a checkpoint holds: adapter, optimizer, window
+    path = str(tmp_path / STATE_FILE)
+    assert save_window_state(model, path)  # what a checkpoint holds: adapter, optimizer, window side file
     resumed, resumed_optimizer = make(schedule="default", grad_collection_steps=2)
     set_peft_model_state_dict(resumed, get_peft_model_state_dict(model))
     resumed_optimizer.load_state_dict(optimizer.state_dict())
-    restore_window_state(resumed, saved)
+    load_window_state(resumed, path)
     train(resumed, resumed_optimizer, 1, start=2)
     for layer, indices in zip(rosa_layers(resumed), expected, strict=True):
         assert torch.equal(layer.indices["default"], indices)
@@ -312,7 +313,7 @@ def test_param_groups_separate_learning_rates():
 
 def test_quantized_4bit_base_trains(base_dir):
     pytest.importorskip("bitsandbytes")
-    from test_quantized import quantized_base
+    from conftest import quantized_base
 
     model = get_peft_model(quantized_base(base_dir, 4), RosaConfig(r=2, density=0.05, schedule="default"))
     layer = rosa_layers(model)[0]
@@ -388,8 +389,12 @@ def test_sft_trainer_with_param_groups_and_resume_inside_the_collection_window(t
     assert [g["initial_lr"] for g in trainer.optimizer.param_groups] == [2e-2, 1e-2]
     assert layer.is_mask_ready("default") and layer.values["default"].abs().sum() > 0
     state = json.loads((tmp_path / "a" / "checkpoint-2" / "trainer_state.json").read_text())
-    window = state["stateful_callbacks"]["SparsePeftCallback"]["attributes"]["window_state"]
-    assert window and all(w["default"]["count"] == 2 for w in window.values())  # two micro-batches, one step
+    assert state["stateful_callbacks"]["SparsePeftCallback"]["attributes"]["state_file"] == STATE_FILE
+    from safetensors.torch import load_file
+
+    window = load_file(str(tmp_path / "a" / "checkpoint-2" / STATE_FILE))
+    counts = [t for k, t in window.items() if k.endswith("::default::count")]
+    assert counts and all(float(c) == 2 for c in counts)  # two micro-batches, one step
     shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
     resumed, resumed_losses = run(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-2"))
     assert resumed_losses == pytest.approx(losses, abs=1e-6)

@@ -261,7 +261,7 @@ def test_switching_adapters_and_merged_pair_unmerges_exactly():
 
 
 def test_quantized_4bit_base_trains(base_dir):
-    from test_quantized import quantized_base
+    from conftest import quantized_base
 
     model = get_peft_model(quantized_base(base_dir, 4), S2FTConfig(v_ratio=0.5, o_ratio=0.5, selection="weight"))
     params = [p for p in model.parameters() if p.requires_grad]

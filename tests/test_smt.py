@@ -230,10 +230,11 @@ def test_multiple_adapters_set_and_delete():
 def test_warmup_statistics_survive_export_and_import():
     model = make(warmup_steps=3)
     run(model, steps=2)
-    saved = {l.module_name: l.export_window() for l in smt_layers(model)}
+    saved = {l.module_name: l.export_state("default") for l in smt_layers(model)}
+    assert all(set(tensors) == {"gradient", "batches"} for tensors in saved.values())
     resumed = make(warmup_steps=3)
     for layer in smt_layers(resumed):
-        layer.import_window(saved[layer.module_name])
+        layer.import_state("default", saved[layer.module_name])
     run(model, steps=1, start=3)
     run(resumed, steps=1, start=3)
     for a, b in zip(smt_layers(model), smt_layers(resumed), strict=True):
@@ -241,7 +242,7 @@ def test_warmup_statistics_survive_export_and_import():
 
 
 def test_quantized_4bit_base_trains(base_dir):
-    from test_quantized import quantized_base
+    from conftest import quantized_base
 
     model = get_peft_model(quantized_base(base_dir, 4), SmtConfig(block_size=16, num_blocks=4, warmup_steps=1))
     params = [p for p in model.parameters() if p.requires_grad]

@@ -213,7 +213,7 @@ def test_multiple_adapters(snell_model):
 
 def test_quantized_4bit_base_trains(base_dir):
     pytest.importorskip("bitsandbytes")
-    from test_quantized import quantized_base
+    from conftest import quantized_base
 
     model = get_peft_model(quantized_base(base_dir, 4), SnellConfig(r=4, sparsity=0.5))
     assert type(snell_layers(model)[0].quantization_backend).__name__ == "Bnb4bitBackend"

@@ -6,49 +6,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import char_tokenizer
-from datasets import Dataset
-from peft import get_peft_model_state_dict
-from trl import SFTConfig, SFTTrainer
+from conftest import run_sft
+from safetensors.torch import load_file
 
-from sparse_peft import LiftConfig, LiftLinear, SparsePeftCallback, SpielConfig
-
-TEXTS = ["hello world, this is a tiny test.", "sparse adapters are fun!", "one two three four five", "abc def ghi"]
-
-
-def run_sft(base_dir, out, max_steps=4, resume=None, save_steps=2, checkpointing=False, peft_config=None):
-    tokenizer = char_tokenizer()
-    args = SFTConfig(
-        output_dir=str(out),
-        max_steps=max_steps,
-        per_device_train_batch_size=2,
-        learning_rate=2e-2,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="steps",
-        save_steps=save_steps,
-        max_length=32,
-        use_cpu=True,
-        dataset_num_proc=None,
-        seed=0,
-        data_seed=0,
-        bf16=False,
-        fp16=False,
-        activation_checkpointing=checkpointing,
-        disable_tqdm=True,
-    )
-    trainer = SFTTrainer(
-        model=str(base_dir),
-        args=args,
-        train_dataset=Dataset.from_dict({"text": TEXTS * 2}),
-        processing_class=tokenizer,
-        peft_config=peft_config or LiftConfig(rank=2, filter_rank=4, update_interval=1),
-        callbacks=[SparsePeftCallback()],
-    )
-    trainer.train(resume_from_checkpoint=resume)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    state = {k: v.clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
-    return trainer, losses, state
+from sparse_peft import LiftLinear, SpielConfig
+from sparse_peft.callbacks import STATE_FILE
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +61,9 @@ def test_spiel_resume_mid_window_equals_uninterrupted_run(base_dir, tmp_path):
     travel in the checkpoint, so the resumed run makes the same selection."""
     _, losses_a, state_a = run_sft(base_dir, tmp_path / "a", max_steps=7, save_steps=4, peft_config=_spiel())
     shutil.copytree(tmp_path / "a" / "checkpoint-4", tmp_path / "b" / "checkpoint-4")
-    saved = (tmp_path / "b" / "checkpoint-4" / "trainer_state.json").read_text()
-    assert '"candidates"' in saved  # the open window was exported
+    side = load_file(str(tmp_path / "b" / "checkpoint-4" / STATE_FILE))
+    assert any(key.endswith("::default::candidates") for key in side)  # the open window was exported, as tensors
+    assert "candidates" not in (tmp_path / "b" / "checkpoint-4" / "trainer_state.json").read_text()
     _, losses_b, state_b = run_sft(
         base_dir,
         tmp_path / "b",
@@ -115,3 +78,32 @@ def test_spiel_resume_mid_window_equals_uninterrupted_run(base_dir, tmp_path):
             assert torch.equal(state_a[key], state_b[key]), key
         else:
             assert torch.allclose(state_a[key], state_b[key], atol=1e-6), key
+
+
+def _checkpoint_inside_a_window(base_dir, tmp_path):
+    """checkpoint-4 of a SpIEL run whose window (steps 4-5) is open at step 4, copied into a fresh run folder."""
+    run_sft(base_dir, tmp_path / "a", max_steps=5, save_steps=4, peft_config=_spiel())
+    shutil.copytree(tmp_path / "a" / "checkpoint-4", tmp_path / "b" / "checkpoint-4")
+    return tmp_path / "b" / "checkpoint-4"
+
+
+def test_resume_without_the_side_file_names_it(base_dir, tmp_path):
+    checkpoint = _checkpoint_inside_a_window(base_dir, tmp_path)
+    (checkpoint / STATE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=r"sparse_peft_state.safetensors.*SparsePeftCallback\(state_path="):
+        run_sft(base_dir, tmp_path / "b", max_steps=5, save_steps=4, peft_config=_spiel(), resume=str(checkpoint))
+
+
+def test_resume_of_an_old_json_window_checkpoint_is_refused(base_dir, tmp_path):
+    """Releases before the side file kept windows as JSON lists in trainer_state.json: refused with a clear error."""
+    import json
+
+    checkpoint = _checkpoint_inside_a_window(base_dir, tmp_path)
+    state_path = checkpoint / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["stateful_callbacks"]["SparsePeftCallback"]["attributes"] = {
+        "window_state": {"model.layers.0.self_attn.q_proj": {"default": {"candidates": [1, 2], "steps": 1}}}
+    }
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="JSON form of earlier sparse_peft releases"):
+        run_sft(base_dir, tmp_path / "b", max_steps=5, save_steps=4, peft_config=_spiel(), resume=str(checkpoint))

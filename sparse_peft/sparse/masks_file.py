@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .delta import index_dtype
+from .io import atomic_write
 
 FORMAT = "sparse_peft_masks"
 
@@ -30,8 +31,6 @@ def write_masks(path: str | os.PathLike, masks: dict[str, tuple[torch.Tensor, tu
     }
     shapes = {name: list(shape) for name, (_, shape) in masks.items()}
     metadata = {"format": FORMAT, "shapes": json.dumps(shapes)}
-    from ..registry import atomic_write  # the package's one atomic writer (kept out of this module's PEFT-free imports)
-
     atomic_write(str(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 

@@ -12,12 +12,44 @@ from __future__ import annotations
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
 from torch import nn
+
+
+@dataclass
+class StorageReport:
+    """What one adapter of one layer stores (what ``save_pretrained`` writes for it).
+
+    ``tensors``: ``name -> (elements, bytes, dtype)`` of every per-adapter tensor; ``entries``: elements of its
+    floating-point tensors (values, factors, blocks, gates: the learned numbers); ``bytes``: all tensors' bytes,
+    index buffers included.
+    """
+
+    tensors: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+
+    @property
+    def entries(self) -> int:
+        return sum(n for n, _, dtype in self.tensors.values() if _is_float(dtype))
+
+    @property
+    def bytes(self) -> int:
+        return sum(b for _, b, _ in self.tensors.values())
+
+    def __add__(self, other: StorageReport) -> StorageReport:
+        merged = dict(self.tensors)
+        for name, (n, b, dtype) in other.tensors.items():
+            old = merged.get(name, (0, 0, dtype))
+            merged[name] = (old[0] + n, old[1] + b, dtype)
+        return StorageReport(merged)
+
+
+def _is_float(dtype: str) -> bool:
+    return getattr(torch, dtype.removeprefix("torch."), torch.int8).is_floating_point
 
 
 class SparseLayerBase(nn.Module, BaseTunerLayer):
@@ -27,6 +59,14 @@ class SparseLayerBase(nn.Module, BaseTunerLayer):
     ``self._active_adapter`` and call ``self.update_layer`` for the first adapter. They list in ``_adapter_state``
     the attributes holding per-adapter side state (dicts keyed by adapter name, or sets of names) that
     :meth:`delete_adapter` must clear besides PEFT's ``adapter_layer_names`` / ``other_param_names``.
+
+    The protocol every layer answers (:mod:`sparse_peft.callbacks` calls it on every layer, no duck typing):
+
+    * schedule hooks :meth:`on_step_begin`, :meth:`on_pre_optimizer_step`, :meth:`on_step_end` (no-ops for static
+      methods);
+    * :meth:`export_state` / :meth:`import_state`: open statistics windows and selector state as tensors, written
+      to the checkpoint's side file so that a resume inside a window is exact;
+    * :meth:`storage_report`: what an adapter really stores, by tensor.
     """
 
     prefix: str = "sparse_peft_"
@@ -126,6 +166,45 @@ class SparseLayerBase(nn.Module, BaseTunerLayer):
             return
         while self.merged_adapters:
             yield self.merged_adapters.pop()
+
+    # ---- schedule hooks: driven by SparsePeftCallback, or in a custom loop by begin_step / before_optimizer_step /
+    # refresh_masks; ``step`` is 1-based ----------------------------------------------------------------------------
+    def on_step_begin(self, adapter_name: str, step: int, context: Any = None) -> None:
+        """Called before optimizer step ``step`` runs its forward/backward passes."""
+
+    def on_pre_optimizer_step(self, adapter_name: str, context: Any = None) -> None:
+        """Called after gradients are final (accumulated, all-reduced, clipped), before the optimizer step."""
+
+    def on_step_end(self, adapter_name: str, step: int, optimizer: Any = None, context: Any = None) -> int:
+        """Called after optimizer step ``step``; returns how many slots (entries, blocks) moved."""
+        return 0
+
+    # ---- state of open windows, as tensors -------------------------------------------------------------------------
+    def export_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The tensors a resume needs to continue ``adapter_name``'s open statistics window exactly (``{}`` when none
+        is open). Scalars are 0-d tensors."""
+        return {}
+
+    def import_state(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`export_state` returned (on this layer's device)."""
+        if tensors:
+            raise ValueError(
+                f"{type(self).__name__} keeps no window state, but the checkpoint holds {sorted(tensors)} for "
+                f"adapter {adapter_name!r} of {self.module_name}: resume with the adapter config the checkpoint was "
+                f"trained with"
+            )
+
+    # ---- storage -----------------------------------------------------------------------------------------------
+    def storage_report(self, adapter_name: str) -> StorageReport:
+        """Every per-adapter tensor of ``adapter_name`` (PEFT's ``adapter_layer_names`` and ``other_param_names``)."""
+        tensors = {}
+        for attr in (*self.adapter_layer_names, *self.other_param_names):
+            store = getattr(self, attr, None)
+            tensor = store[adapter_name] if store is not None and adapter_name in store else None
+            if isinstance(tensor, torch.Tensor):
+                size = tensor.numel()
+                tensors[attr.removeprefix(self.prefix)] = (size, size * tensor.element_size(), str(tensor.dtype))
+        return StorageReport(tensors)
 
     # ---- adapter lifecycle -------------------------------------------------------------------------------------
     def delete_adapter(self, adapter_name: str) -> None:

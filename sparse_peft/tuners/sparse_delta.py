@@ -96,17 +96,6 @@ class SparseDeltaLinear(SparseLayerBase):
         """A callable ``(grad_out_2d, x_2d, grad_values) -> None`` to run in this layer's backward, or None."""
         return None
 
-    # ---- schedule hooks, driven by :class:`sparse_peft.SparsePeftCallback` -----------------------------------
-    def on_step_begin(self, adapter_name: str, step: int, context: Any) -> None:
-        """Called before optimizer step ``step`` (1-based) runs its forward/backward passes."""
-
-    def on_pre_optimizer_step(self, adapter_name: str, context: Any) -> None:
-        """Called after gradients are final (accumulated, all-reduced, clipped), before the optimizer step."""
-
-    def on_step_end(self, adapter_name: str, step: int, optimizer: Any, context: Any) -> int:
-        """Called after optimizer step ``step`` (1-based); returns how many slots moved."""
-        return 0
-
     def base_weight_float(self) -> torch.Tensor:
         """The (dequantized) base weight in float32; a transient copy for quantized or low-precision bases."""
         return self.get_base_weight().float()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -339,25 +338,25 @@ class RosaLinear(SparseDeltaLinear):
         self.mask_ready[adapter_name].fill_(1)
 
     # ---- checkpointing of the collection window ----------------------------------------------------------------
-    def export_window(self) -> dict:
-        """Open windows as JSON-ready payloads (the float32 sums base64-encoded, bit-exact)."""
-        out = {}
-        for adapter, w in self._windows.items():
-            if w.total is not None:
-                raw = w.total.detach().cpu().contiguous().numpy().tobytes()
-                out[adapter] = {"total": base64.b64encode(raw).decode("ascii"), "count": w.count, "steps": w.steps}
-        return out
+    def export_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The open window: ``total`` (float32, bit-exact), ``count`` and ``steps``."""
+        window = self._windows.get(adapter_name)
+        if window is None or window.total is None:
+            return {}
+        return {
+            "total": window.total.detach(),
+            "count": torch.tensor(window.count, dtype=torch.float64),
+            "steps": torch.tensor(window.steps),
+        }
 
-    def import_window(self, saved: dict) -> None:
-        for adapter, payload in saved.items():
-            config: RosaConfig = self.adapter_configs[adapter]
-            flat = torch.frombuffer(bytearray(base64.b64decode(payload["total"])), dtype=torch.float32)
-            device = config.stats_device or self.values[adapter].device
-            self._windows[adapter] = GradientWindow(
-                total=flat.view(self.shape).clone().to(device),
-                count=float(payload["count"]),
-                steps=int(payload["steps"]),
-            )
+    def import_state(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        config: RosaConfig = self.adapter_configs[adapter_name]
+        device = config.stats_device or self.values[adapter_name].device
+        self._windows[adapter_name] = GradientWindow(
+            total=tensors["total"].to(device=device, dtype=torch.float32).view(self.shape).clone(),
+            count=float(tensors["count"]),
+            steps=int(tensors["steps"]),
+        )
 
 
 _p = RosaLinear.prefix

@@ -292,16 +292,16 @@ class SmtLinear(SparseLayerBase):
                 f"it was trained with"
             )
 
-    def export_window(self) -> dict:
-        """Open warm-up accumulators (dense ``(out, in)`` lists: checkpoint after the warm-up on large models)."""
-        return {
-            name: {"grad": w.gradient.tolist()} for name, w in self._grad_acc.items() if w.gradient is not None
-        }
+    def export_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The open warm-up accumulator ``Σ ∂L/∂W`` (float32, ``out x in``) and its batch count."""
+        window = self._grad_acc.get(adapter_name)
+        if window is None or window.gradient is None:
+            return {}
+        return {"gradient": window.gradient.detach(), "batches": torch.tensor(window.batches)}
 
-    def import_window(self, saved: dict) -> None:
-        for name, payload in saved.items():
-            gradient = torch.tensor(payload["grad"], dtype=torch.float32, device=self._weight_device())
-            self._grad_acc[name] = Window("gradient", gradient=gradient)
+    def import_state(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        gradient = tensors["gradient"].to(device=self._weight_device(), dtype=torch.float32).clone()
+        self._grad_acc[adapter_name] = Window("gradient", gradient=gradient, batches=int(tensors["batches"]))
 
 
 class BlockSelector:

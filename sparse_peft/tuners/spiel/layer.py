@@ -282,26 +282,25 @@ class SpielLinear(SparseDeltaLinear):
         return int(slots.numel())
 
     # ---- checkpointing of open windows ---------------------------------------------------------------------
-    def export_window(self) -> dict:
-        out = {}
-        for adapter, w in self._windows.items():
-            if w.candidates is not None:
-                out[adapter] = {
-                    "candidates": w.candidates.tolist(),
-                    "sum_g": w.sum_g.tolist(),
-                    "sum_g2": w.sum_g2.tolist(),
-                    "steps": w.steps,
-                }
-        return out
+    def export_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The open window: ``candidates``, ``sum_g``, ``sum_g2`` (float32) and ``steps``."""
+        window = self._windows.get(adapter_name)
+        if window is None or window.candidates is None:
+            return {}
+        return {
+            "candidates": window.candidates.detach(),
+            "sum_g": window.sum_g.detach(),
+            "sum_g2": window.sum_g2.detach(),
+            "steps": torch.tensor(window.steps),
+        }
 
-    def import_window(self, saved: dict) -> None:
-        for adapter, payload in saved.items():
-            device = self.values[adapter].device
-            candidates = torch.tensor(payload["candidates"], dtype=self.indices[adapter].dtype, device=device)
-            self._windows[adapter] = Window(
-                candidates=candidates,
-                pattern=SparsePattern.build(candidates, self.shape),
-                sum_g=torch.tensor(payload["sum_g"], dtype=torch.float32, device=device),
-                sum_g2=torch.tensor(payload["sum_g2"], dtype=torch.float32, device=device),
-                steps=int(payload["steps"]),
-            )
+    def import_state(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        device = self.values[adapter_name].device
+        candidates = tensors["candidates"].to(device=device, dtype=self.indices[adapter_name].dtype)
+        self._windows[adapter_name] = Window(
+            candidates=candidates,
+            pattern=SparsePattern.build(candidates, self.shape),
+            sum_g=tensors["sum_g"].to(device=device, dtype=torch.float32).clone(),
+            sum_g2=tensors["sum_g2"].to(device=device, dtype=torch.float32).clone(),
+            steps=int(tensors["steps"]),
+        )

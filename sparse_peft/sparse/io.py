@@ -1,0 +1,29 @@
+"""Atomic file writes: the package's one writer for anything a user keeps (adapters, masks, checkpoint side files,
+benchmark tables). No PEFT imports here."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+
+def atomic_write(path: str, write: Callable[[str], Any]) -> None:
+    """Write a file through a temporary name in the same folder, then rename it over ``path`` in one step.
+
+    A crash or a full disk leaves either the old file or the new one, never a half-written file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
