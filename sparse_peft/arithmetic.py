@@ -26,21 +26,23 @@ further, saved with ``save_pretrained`` and loaded with ``PeftModel.from_pretrai
     model.set_adapter("lang_task")                         # or merge_and_unload(adapter_names=["lang_task"])
     model.save_pretrained("out", selected_adapters=["lang_task"])   # written to out/lang_task
 
-Sparse adapters of different tasks rarely collide (their supports overlap little), which is what makes the plain
-sum work; :func:`combine_deltas` also offers TIES and DARE for adapters that do collide, and
-:func:`add_sparse_soup` averages adapters that share one mask (sparse model soups, Zimmer et al., ICLR 2024).
+Where supports overlap the values add, and adapters can interfere there (LIFT's masks, chosen from the base
+weight's principal components, overlap much); :func:`combine_deltas` also offers TIES and DARE for such adapters,
+and :func:`add_sparse_soup` averages adapters that share one mask (sparse model soups, Zimmer et al., ICLR 2024).
 
 **How a combined adapter is stored.** Its support per layer (the union) is usually larger than the budget ``k`` of
 the method's config, and differs from layer to layer. The combined adapter keeps the config of the first input, so
 its trainable ``values`` keep ``k`` slots per layer (the ``k`` largest ``|v_p|``), and the remaining entries go to the
 layer's frozen part (``frozen_values`` / ``frozen_indices``, the part LIFT fills with retired entries), whose size per
 module the config records in ``frozen_counts``. That is what the existing loader reads: ``PeftModel.from_pretrained``
-allocates ``k`` values from the config and ``frozen_counts[module]`` frozen entries, so the file loads back with no
-new format. A layer whose combination has fewer than ``k`` entries fills the free slots with zeros.
+allocates ``k`` values from the config (the method's budget; diff pruning's ``projected_counts``) and
+``frozen_counts[module]`` frozen entries (``prepare_load`` also sizes the frozen part from the file), so the adapter
+loads back with no new format. A layer whose combination has fewer than ``k`` entries fills the free slots with zeros.
 
 Everything here works on one model holding all inputs as adapters (a ``PeftModel`` holds adapters of one method):
-load them with ``load_adapter``. :func:`adapter_deltas` and :func:`combine_deltas` also work on plain dictionaries of
-:class:`SparseDelta`, e.g. from two models, and check that their layers and shapes agree.
+load them with ``load_adapter``. :func:`combine_deltas` and :func:`soup_deltas` also work on plain dictionaries of
+:class:`SparseDelta` (:func:`adapter_deltas` makes them from a model), e.g. from two models, and check that their
+layers and shapes agree.
 """
 
 from __future__ import annotations
