@@ -15,6 +15,14 @@ from __future__ import annotations
 from peft import AutoPeftModelForCausalLM, PeftModel
 
 from ._version import __version__
+from .arithmetic import (
+    SparseDelta,
+    adapter_deltas,
+    add_sparse_adapter,
+    add_sparse_soup,
+    add_weighted_sparse_adapter,
+    combine_deltas,
+)
 from .calibrate import calibrate
 from .callbacks import ScheduleContext, SparsePeftCallback, before_optimizer_step, begin_step, refresh_masks
 from .compat import delete_adapter
@@ -100,6 +108,7 @@ __all__ = [
     "SnellConfig",
     "SnellLinear",
     "SnellModel",
+    "SparseDelta",
     "SparsePeftCallback",
     "SparseSM3",
     "SpielConfig",
@@ -109,10 +118,15 @@ __all__ = [
     "SppLinear",
     "SppModel",
     "__version__",
+    "adapter_deltas",
+    "add_sparse_adapter",
+    "add_sparse_soup",
+    "add_weighted_sparse_adapter",
     "before_optimizer_step",
     "begin_step",
     "calibrate",
     "calibrate_s2ft",
+    "combine_deltas",
     "delete_adapter",
     "load_rosa_masks",
     "lors_gradient_init",

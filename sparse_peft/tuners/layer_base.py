@@ -9,6 +9,7 @@ into the weight and keeps for unmerge.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -73,6 +74,13 @@ class SparseLayerBase(nn.Module, BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
     _adapter_state: tuple[str, ...] = ("adapter_configs",)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's own ``get_delta_weight`` gets the check of :func:`_names_missing_adapter`."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("get_delta_weight")
+        if own is not None and not getattr(own, "_checks_adapter", False):
+            cls.get_delta_weight = _names_missing_adapter(own)
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__()
@@ -216,8 +224,42 @@ class SparseLayerBase(nn.Module, BaseTunerLayer):
             else:
                 store.pop(adapter_name, None)
 
+    # ---- LoRA conversion (``peft.tuners.lora.conversion.convert_to_lora``) ---------------------------------------
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return False
+        """True: every sparse_peft layer is additive, ``W' = W + ΔW`` with ``ΔW = get_delta_weight(adapter)`` dense.
+
+        PEFT's ``convert_to_lora`` factors ``ΔW ≈ B·A`` by a truncated SVD (``B = U_r Σ_r``, ``A = V_rᵀ``), the best
+        rank-``r`` approximation (Eckart–Young), with relative error ``‖ΔW − B·A‖_F / ‖ΔW‖_F = sqrt(Σ_{i>r} σ_i² /
+        Σ_i σ_i²)``: exact from ``r = rank(ΔW)`` on, while a sparse ``ΔW`` is often of high rank.
+
+        Every method has such a ``ΔW``: the entry-sparse ``scatter(values)`` (LIFT, SpIEL, diff pruning after its
+        projection; ``s·B·A + S`` for RoSA), diff pruning's ``z̄ ⊙ w`` before it, SMT's blocks and S²FT's slices,
+        SNELL's sparsified kernel update, LoRS's ``(s·B·A) ⊙ M`` and SPP's ``W̃ ⊙ (s·β·α̂)`` (``W' = W̃ ⊙ (1 + s·β·α̂)
+        = W̃ + W̃ ⊙ s·β·α̂``; these two depend on the base, so the LoRA holds for this base only, as every adapter
+        does). Like PEFT's own layers this answers for the layer type (PEFT's ``BaseTuner.supports_lora_conversion``
+        passes no adapter name); a layer that does not hold the adapter being converted raises in
+        ``get_delta_weight``, naming the layer.
+        """
+        return True
 
     def __repr__(self) -> str:
         return f"{self.prefix.rstrip('_')}.{super().__repr__()}"
+
+
+def _names_missing_adapter(get_delta_weight: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Wrap a layer's ``get_delta_weight`` so that an adapter this layer does not hold raises a ``ValueError`` naming
+    the layer and the adapters it holds (instead of a bare ``KeyError``), e.g. in ``convert_to_lora`` on a model
+    whose adapters target different modules."""
+
+    @functools.wraps(get_delta_weight)
+    def checked(self: SparseLayerBase, adapter_name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if adapter_name not in self.adapter_configs:
+            raise ValueError(
+                f"layer {self.module_name or type(self).__name__} holds no adapter {adapter_name!r} (it holds "
+                f"{sorted(self.adapter_configs)}): this model's adapters target different modules. For "
+                f"convert_to_lora, load the adapter alone (PeftModel.from_pretrained of its folder) and convert that."
+            )
+        return get_delta_weight(self, adapter_name, *args, **kwargs)
+
+    checked._checks_adapter = True  # type: ignore[attr-defined]
+    return checked

@@ -135,6 +135,35 @@ class SparseDeltaLinear(SparseLayerBase):
         self.frozen_values[adapter_name] = values.to(self.frozen_values[adapter_name].dtype)
         self.adapter_configs[adapter_name].frozen_counts[self.module_name] = int(positions.numel())
 
+    @torch.no_grad()
+    def set_delta(self, adapter_name: str, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Make ``ΔW`` of ``adapter_name`` equal ``scatter(values, positions)`` (unique flat positions), keeping ``k``
+        (arithmetic on adapters writes its results through this).
+
+        The ``k`` trainable slots take the ``k`` largest ``|values|`` (ties: lower position first), the other entries
+        become the frozen part, whose size :meth:`set_frozen` records in ``config.frozen_counts`` (and the loader
+        reads); with fewer than ``k`` entries the free slots hold zeros at the lowest positions not in ``positions``,
+        which leaves ``ΔW`` unchanged. Both parts are stored sorted by position.
+        """
+        values_param, indices = self.values[adapter_name], self.indices[adapter_name]
+        k, device = values_param.numel(), values_param.device
+        positions, by_place = torch.sort(positions.long().cpu())
+        values = values.detach().float().cpu()[by_place]
+        order = torch.sort(values.abs(), descending=True, stable=True).indices  # stable: ties keep the lower place
+        active, frozen = order[:k], order[k:]
+        active_pos, active_val = positions[active], values[active]
+        if active_pos.numel() < k:
+            free = torch.ones(self.numel, dtype=torch.bool)
+            free[positions] = False
+            padding = free.nonzero().flatten()[: k - active_pos.numel()]
+            active_pos = torch.cat([active_pos, padding])
+            active_val = torch.cat([active_val, torch.zeros(padding.numel())])
+        active_pos, slot = torch.sort(active_pos)
+        values_param.copy_(active_val[slot].to(device=device, dtype=values_param.dtype))
+        indices.copy_(active_pos.to(device=indices.device, dtype=indices.dtype))
+        frozen_pos, slot = torch.sort(positions[frozen])
+        self.set_frozen(adapter_name, frozen_pos.to(device), values[frozen][slot].to(device))
+
     def delta_tensors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``(values, indices, n_trainable)`` of the whole delta: active entries first, then the frozen ones."""
         values, n_trainable = self._all_values(adapter_name)

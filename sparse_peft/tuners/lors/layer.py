@@ -105,9 +105,12 @@ class WeightRecomputeLayer(SparseLayerBase):
         return weight
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``W_eff − W`` of one adapter, shape ``(out, in)`` (inspection only)."""
+        """``f_k(W) − W`` of one adapter on the unmerged base ``W``, shape ``(out, in)`` (inspection, LoRA
+        conversion); while adapters are merged ``W`` is the copy :meth:`merge` kept, not the merged weight."""
         with torch.no_grad():
             base = self.get_base_weight()
+            if self._unmerged_weight is not None:
+                base = self._unmerged_weight.to(device=base.device)
             factors = [f.detach() for f in self.factors(adapter_name)]
             return self.apply_adapter(base, base, self.adapter_configs[adapter_name], *factors) - base
 
