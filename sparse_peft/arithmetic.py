@@ -14,7 +14,9 @@ further, saved with ``save_pretrained`` and loaded with ``PeftModel.from_pretrai
 **Composable sparse fine-tuning**, the recipe (``lang`` and ``task`` trained on copies of one base model)::
 
     import sparse_peft
-    from sparse_peft import PeftModel, add_weighted_sparse_adapter
+    from peft import PeftModel
+
+    from sparse_peft import add_weighted_sparse_adapter
 
     # 1. a "language" adapter: causal-LM loss on unlabelled text of the target language
     #    get_peft_model(base, sparse_peft.LiftConfig(rank=16)), train, save_pretrained("lang")
