@@ -40,18 +40,69 @@ def trained(request, tmp_path_factory):
     method = request.param
     base = prepare_base(method, tiny_llama())
     model = get_peft_model(base, tiny_config(method))
+    with torch.no_grad():
+        fresh = model(INPUT).logits  # the untrained adapter (not the identity for every method, e.g. SNELL's init)
+    base_params = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     losses = train_steps(model, steps=4)
     out = tmp_path_factory.mktemp(f"adapter-{method}")
     model.save_pretrained(out)
+    model.fresh_logits, model.base_params = fresh, base_params
     return method, model, losses, out
 
 
 def test_training_changes_the_adapter(trained):
     method, model, losses, _ = trained
     assert all(loss == loss for loss in losses), losses
-    with model.disable_adapter():
+    with torch.no_grad():
+        now = model(INPUT).logits
+    assert not torch.allclose(now, model.fresh_logits, atol=1e-5), f"{method}: training did not change the outputs"
+    with torch.no_grad(), model.disable_adapter():
         base = model(INPUT).logits
-    assert not torch.allclose(model(INPUT).logits, base, atol=1e-5), f"{method}: the adapter still acts as identity"
+    assert not torch.allclose(now, base, atol=1e-5), f"{method}: the adapter still acts as identity"
+
+
+def test_training_changes_nothing_but_the_adapter(trained):
+    """Base weights never train (nor ``requires_grad``): every frozen parameter is bitwise unchanged."""
+    method, model, _, _ = trained
+    now = dict(model.named_parameters())
+    assert model.base_params, method
+    for name, before in model.base_params.items():
+        assert not now[name].requires_grad and torch.equal(now[name], before), f"{method}: {name} changed"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_identity_at_init(method):
+    """A fresh adapter reproduces its base model, or its config says it does not and offers an identity option."""
+    base = prepare_base(method, tiny_llama())
+    with torch.no_grad():
+        expected = base(INPUT).logits
+    config = tiny_config(method)
+    if not config.starts_as_identity:
+        config = tiny_config(method, init_weights="identity")
+        assert config.starts_as_identity, f"{method}: no identity option"
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        assert torch.allclose(model(INPUT).logits, expected, atol=1e-6), method
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_several_adapters_switch_and_delete(method):
+    """A second adapter of the same method changes the outputs when active; deleting it leaves the first one's
+    outputs and no state of it behind."""
+    model = get_peft_model(prepare_base(method, tiny_llama()), tiny_config(method))
+    train_steps(model, steps=2)
+    with torch.no_grad():
+        first = model(INPUT).logits
+    model.add_adapter("other", tiny_config(method, init_weights=False))  # random, so it acts at once
+    model.set_adapter("other")
+    with torch.no_grad():
+        assert not torch.allclose(model(INPUT).logits, first, atol=1e-5), method
+    model.set_adapter("default")
+    model.delete_adapter("other")
+    with torch.no_grad():
+        assert torch.allclose(model(INPUT).logits, first, atol=1e-6), method
+    assert not any("other" in name for name, _ in model.named_parameters()), method
+    assert not any("other" in name for name, _ in model.named_buffers()), method
 
 
 def test_reload_reproduces_outputs(trained):
@@ -81,13 +132,11 @@ def test_merge_equals_unmerged_and_unmerge_restores(trained):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("method", METHODS)
 def test_quantized_base_trains(base_dir, tmp_path, method, bits):
-    if method not in QUANTIZED_4BIT:
-        pytest.fail(f"{method} has no 4-bit entry in method_configs.QUANTIZED_4BIT")
     if method in PRUNED_BASE:  # prune first, then quantize (NF4 keeps exact zeros)
         pruned_dir = tmp_path / "pruned"
         prepare_base(method, tiny_llama()).save_pretrained(pruned_dir)
         base_dir = pruned_dir
-    model = get_peft_model(quantized_base(base_dir, bits), tiny_config(method, **QUANTIZED_4BIT[method]))
+    model = get_peft_model(quantized_base(base_dir, bits), tiny_config(method, **QUANTIZED_4BIT.get(method, {})))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     losses = train_steps(model, steps=4)
     assert all(loss == loss for loss in losses), losses

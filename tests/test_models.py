@@ -153,9 +153,15 @@ def test_unwritable_cache_still_loads(monkeypatch, tmp_path) -> None:
     blocker.write_text("not a directory")
     monkeypatch.setenv("SPARSE_PEFT_CACHE", str(blocker))
     monkeypatch.setattr(models, "default_gguf_path", lambda: tmp_path / DEFAULT_GGUF_NAME)
-    monkeypatch.setattr(models, "_load_from_gguf", _tiny_gguf_loader([]))
-    model, _ = load_model_and_tokenizer()
-    assert model is not None
+    calls: list[Path] = []
+    monkeypatch.setattr(models, "_load_from_gguf", _tiny_gguf_loader(calls))
+    model, tokenizer = load_model_and_tokenizer()
+    assert calls == [tmp_path / DEFAULT_GGUF_NAME]  # converted from the GGUF, since nothing could be cached
+    assert blocker.read_text() == "not a directory"  # the path in the way is left alone
+    assert tokenizer.pad_token == tokenizer.eos_token
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape[:2] == (1, 3) and torch.isfinite(logits).all()
 
 
 def test_strip_quantization_state() -> None:
