@@ -272,9 +272,9 @@ def test_config_errors_and_cli_alias():
         ({"projection_step": 0}, "projection_step must be a positive integer"),
         ({"l0_lambda": -1.0}, "l0_lambda must be >= 0"),
         ({"gate_left": 0.5}, "gate_left < 0 and gate_right > 1"),
-        ({"gate_temperature": 0.0}, "gate_temperature must be positive"),
+        ({"gate_temperature": 0.0}, "gate_temperature must be a positive number"),
         ({"finetune_init": "zero"}, "finetune_init must be"),
-        ({"gate_lr": 0.0}, "gate_lr must be positive or None"),
+        ({"gate_lr": 0.0}, "gate_lr must be a positive number"),
     ]:
         with pytest.raises(ValueError, match=match):
             DiffPruningConfig(**kwargs)

@@ -226,10 +226,10 @@ def test_quantized_4bit_base_trains(base_dir):
     [
         ({"r": 3}, "r must be even"),
         ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\)"),
-        ({"kernel_scale": 0}, "kernel_scale must be positive"),
+        ({"kernel_scale": 0}, "kernel_scale must be a positive number"),
         ({"dropout": 1.0}, "dropout"),
         ({"r": 0}, "r must be"),
-        ({"init_weights": "zeros"}, "init_weights must be True, False or .identity."),
+        ({"init_weights": "zeros"}, "init_weights must be one of True, False, .identity."),
     ],
 )
 def test_config_errors(kwargs, match):

@@ -185,7 +185,7 @@ def test_save_reload_after_regrowth(tmp_path):
         ({"reselection_steps": 5, "selection_accumulation_steps": 5}, "must be smaller than"),
         ({"selection_algorithm": "magic"}, "selection_algorithm"),
         ({"density": None}, "needs density or rank"),
-        ({"initial_selection": "magnitude"}, "initial_selection must be 'window'"),
+        ({"initial_selection": "magnitude"}, "initial_selection must be one of 'window', 'calibration'"),
     ],
 )
 def test_config_errors(kwargs, match):

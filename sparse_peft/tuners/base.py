@@ -27,6 +27,14 @@ class SparseConfig(PeftConfig):
     """
 
     method: ClassVar[str] = ""
+    #: Declarative checks of a config's own fields, run once by ``__post_init__`` (an unset optional field, None,
+    #: always passes): positive integers, fractions in ``(0, 1]``, positive numbers, fields limited to a few values,
+    #: and groups of fields of which at least one must be set (``("density", "rank")``: the budget).
+    positive_ints: ClassVar[tuple[str, ...]] = ()
+    fractions: ClassVar[tuple[str, ...]] = ()
+    positive_numbers: ClassVar[tuple[str, ...]] = ()
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    needs_one_of: ClassVar[tuple[str, ...]] = ()
     #: Whether a fresh adapter leaves the model's outputs unchanged (False for SNELL, whose kernel update has no
     #: trainable identity point); DPO with ``peft_config`` needs it for its reference (adapter disabled) to match.
     identity_at_init: ClassVar[bool] = True
@@ -86,6 +94,27 @@ class SparseConfig(PeftConfig):
             raise ValueError(f"{type(self).__name__}.target_parameters is not supported; use target_modules instead")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(f"{type(self).__name__}.layers_pattern needs layers_to_transform as well")
+        self._check_declared_fields()
+
+    def _check_declared_fields(self) -> None:
+        """The checks the class declares in ``positive_ints``, ``fractions``, ``positive_numbers``, ``choices`` and
+        ``needs_one_of``; each error names the config, the field, the value and what is allowed."""
+        owner = type(self).__name__
+        for name in self.positive_ints:
+            self._check_positive(owner, name, getattr(self, name))
+        for name in self.fractions:
+            self._check_fraction(owner, name, getattr(self, name))
+        for name in self.positive_numbers:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"{owner}.{name} must be a positive number, got {value!r}")
+        for name, allowed in self.choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{owner}.{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}"
+                )
+        if self.needs_one_of and all(getattr(self, name) is None for name in self.needs_one_of):
+            raise ValueError(f"{owner} needs {' or '.join(self.needs_one_of)} to size its trainable budget")
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write ``adapter_config.json`` like PEFT does, but atomically (temporary file, then one rename)."""

@@ -49,6 +49,17 @@ class StorageReport:
         return StorageReport(merged)
 
 
+class AdapterStore:
+    """``blocks = AdapterStore("blocks")`` on a layer class: the layer's per-adapter container ``<prefix>blocks``
+    (PEFT's naming, which its save/load and ``delete_adapter`` rely on) under its short name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layer: Any, owner: Any = None) -> Any:
+        return self if layer is None else getattr(layer, f"{layer.prefix}{self.name}")
+
+
 def _is_float(dtype: str) -> bool:
     return getattr(torch, dtype.removeprefix("torch."), torch.int8).is_floating_point
 
@@ -73,7 +84,7 @@ class SparseLayerBase(nn.Module, BaseTunerLayer):
     prefix: str = "sparse_peft_"
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
-    _adapter_state: tuple[str, ...] = ("adapter_configs",)
+    _adapter_state: tuple[str, ...] = ("adapter_configs", "_merge_originals")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A subclass's own ``get_delta_weight`` gets the check of :func:`_names_missing_adapter`."""
@@ -89,6 +100,7 @@ class SparseLayerBase(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self.module_name = module_name
         self.adapter_configs: dict[str, Any] = {}
+        self._merge_originals: dict[str, Any] = {}  # per merged adapter: what unmerge writes back
         self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
 
@@ -117,6 +129,10 @@ class SparseLayerBase(nn.Module, BaseTunerLayer):
         if self.disable_adapters and self.merged:
             self.unmerge()
         return self.disable_adapters
+
+    def _active_in(self, store: Any) -> list[str]:
+        """The active adapters that ``store`` (a per-adapter container) holds, in activation order."""
+        return [name for name in self.active_adapters if name in store]
 
     def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, bool]:
         """The base layer's output and whether it is final (adapters disabled, or merged into the weight).
@@ -160,6 +176,21 @@ class SparseLayerBase(nn.Module, BaseTunerLayer):
             raise ValueError(
                 f"NaNs detected in the merged weights of {self.module_name}; adapter {adapter_name} is broken"
             )
+
+    def _commit_merge(self, adapter_name: str, merged: torch.Tensor, safe_merge: bool, original: Any) -> None:
+        """Write ``merged`` as the base weight (after the ``safe_merge`` check), keeping ``original`` (what
+        :meth:`unmerge` restores: the replaced entries, slices or blocks) under the adapter's name."""
+        self._check_merged(merged, adapter_name, safe_merge)
+        self._merge_originals[adapter_name] = original
+        self.set_base_weight(merged)
+        self.merged_adapters.append(adapter_name)
+
+    def _saved_merges(self) -> Iterator[tuple[str, Any]]:
+        """``(adapter, what its merge kept)``, last merged first, for the adapters merged by :meth:`_commit_merge`."""
+        for name in self._unmerge_order():
+            original = self._merge_originals.pop(name, None)
+            if original is not None:
+                yield name, original
 
     def _nothing_to_unmerge(self, stacklevel: int = 3) -> bool:
         """True (after PEFT's warning) when no adapter is merged; ``stacklevel`` 3 points at ``unmerge``'s caller."""

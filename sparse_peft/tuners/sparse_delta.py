@@ -32,7 +32,7 @@ from ..sparse.delta import (
     sparse_delta_matmul,
 )
 from .base import SparseConfig, from_checkpoint
-from .layer_base import SparseLayerBase
+from .layer_base import AdapterStore, SparseLayerBase
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
@@ -47,7 +47,7 @@ class SparseDeltaLinear(SparseLayerBase):
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
     min_budget: int = 1  # smallest allowed k; a subclass with an optional sparse part (RoSA's density=0) sets 0
-    _adapter_state = ("adapter_configs", "_merge_originals", "_pattern_cache")
+    _adapter_state = (*SparseLayerBase._adapter_state, "_pattern_cache")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -61,27 +61,15 @@ class SparseDeltaLinear(SparseLayerBase):
         setattr(self, f"{p}values", nn.ParameterDict({}))
         for name in ("indices", "frozen_values", "frozen_indices"):
             setattr(self, f"{p}{name}", BufferDict({}, persistent=True))
-        self._merge_originals: dict[str, torch.Tensor] = {}
         self._pattern_cache: dict[str, tuple[tuple, SparsePattern]] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
     # ---- storage accessors -------------------------------------------------------------------------------------
-    @property
-    def values(self) -> nn.ParameterDict:
-        return getattr(self, f"{self.prefix}values")
-
-    @property
-    def indices(self) -> BufferDict:
-        return getattr(self, f"{self.prefix}indices")
-
-    @property
-    def frozen_values(self) -> BufferDict:
-        return getattr(self, f"{self.prefix}frozen_values")
-
-    @property
-    def frozen_indices(self) -> BufferDict:
-        return getattr(self, f"{self.prefix}frozen_indices")
+    values = AdapterStore("values")
+    indices = AdapterStore("indices")
+    frozen_values = AdapterStore("frozen_values")
+    frozen_indices = AdapterStore("frozen_indices")
 
     # ---- method hooks ------------------------------------------------------------------------------------------
     def budget(self, config: SparseConfig) -> int:
@@ -252,24 +240,22 @@ class SparseDeltaLinear(SparseLayerBase):
             if dense is not None:
                 weight = (weight.float() + dense.to(weight.device)).to(weight.dtype)
             values, indices, _ = self.delta_tensors(name)
-            merged = add_into(weight, values.detach(), indices)
-            self._check_merged(merged, name, safe_merge)
-            self._merge_originals[name] = gather(weight, indices).clone()
-            self.set_base_weight(merged)
-            self.merged_adapters.append(name)
+            self._commit_merge(name, add_into(weight, values.detach(), indices), safe_merge, gather(weight, indices))
 
     def unmerge(self) -> None:
         """Undo :meth:`merge`, last merged adapter first, writing back the saved original entries."""
-        for name in self._unmerge_order():
-            if name not in self.values:
-                continue
-            _, indices, _ = self.delta_tensors(name)
-            weight = self.get_base_weight().clone()
-            weight.view(-1)[indices.long()] = self._merge_originals.pop(name).to(weight.dtype)
-            dense = self._dense_merge_term(name)
-            if dense is not None:
-                weight = (weight.float() - dense.to(weight.device)).to(weight.dtype)
-            self.set_base_weight(weight)
+        for name, original in self._saved_merges():
+            self._restore_merged(name, original)
+
+    def _restore_merged(self, name: str, original: torch.Tensor) -> None:
+        """Write the entries one adapter's merge replaced back into the weight (and remove its dense part)."""
+        _, indices, _ = self.delta_tensors(name)
+        weight = self.get_base_weight().clone()
+        weight.view(-1)[indices.long()] = original.to(weight.dtype)
+        dense = self._dense_merge_term(name)
+        if dense is not None:
+            weight = (weight.float() - dense.to(weight.device)).to(weight.dtype)
+        self.set_base_weight(weight)
 
     def _dense_merge_term(self, adapter_name: str) -> Optional[torch.Tensor]:
         """A dense float32 ``(out, in)`` part of ``ΔW`` besides the entries (RoSA's ``s·B·A``), or None.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from ..base import SparseConfig
 
@@ -44,6 +44,10 @@ class DiffPruningConfig(SparseConfig):
     """
 
     method: ClassVar[str] = "diff_pruning"
+    fractions: ClassVar[tuple[str, ...]] = ("target_density",)
+    positive_ints: ClassVar[tuple[str, ...]] = ("projection_step",)
+    positive_numbers: ClassVar[tuple[str, ...]] = ("gate_temperature", "gate_lr")
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"finetune_init": ("gated", "raw")}
 
     target_density: float = field(default=0.005, metadata={"help": "Fraction of all targeted weights kept."})
     projection_step: Optional[int] = field(
@@ -69,8 +73,6 @@ class DiffPruningConfig(SparseConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
-        self._check_fraction(owner, "target_density", self.target_density)
-        self._check_positive(owner, "projection_step", self.projection_step)
         if not float(self.l0_lambda) >= 0.0:
             raise ValueError(f"{owner}.l0_lambda must be >= 0, got {self.l0_lambda!r}; 0 disables the penalty")
         if not (float(self.gate_left) < 0.0 and float(self.gate_right) > 1.0):
@@ -78,9 +80,3 @@ class DiffPruningConfig(SparseConfig):
                 f"{owner} needs gate_left < 0 and gate_right > 1 (the stretch that lets gates reach exactly 0 and 1), "
                 f"got gate_left={self.gate_left}, gate_right={self.gate_right}; the paper uses -1.5 and 1.5"
             )
-        if not float(self.gate_temperature) > 0.0:
-            raise ValueError(f"{owner}.gate_temperature must be positive, got {self.gate_temperature!r}")
-        if self.gate_lr is not None and not float(self.gate_lr) > 0.0:
-            raise ValueError(f"{owner}.gate_lr must be positive or None, got {self.gate_lr!r}; the paper uses 0.1")
-        if self.finetune_init not in ("gated", "raw"):
-            raise ValueError(f"{owner}.finetune_init must be 'gated' or 'raw', got {self.finetune_init!r}")

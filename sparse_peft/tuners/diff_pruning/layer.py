@@ -13,6 +13,7 @@ from ...groups import CONSTANT_LR, ROLE
 from ...sparse.delta import index_dtype
 from ...sparse.hard_concrete import deterministic_gate, expected_l0, sample_gate
 from ...sparse.swap import replace_parameters
+from ..layer_base import AdapterStore
 from ..sparse_delta import SparseDeltaLinear
 from .config import DiffPruningConfig
 
@@ -42,17 +43,9 @@ class DiffPruningLinear(SparseDeltaLinear):
         super().__init__(*args, **kwargs)
 
     # ---- storage -------------------------------------------------------------------------------------------
-    @property
-    def diff(self) -> nn.ParameterDict:
-        return getattr(self, f"{self.prefix}diff")
-
-    @property
-    def log_alpha(self) -> nn.ParameterDict:
-        return getattr(self, f"{self.prefix}log_alpha")
-
-    @property
-    def group_log_alpha(self) -> nn.ParameterDict:
-        return getattr(self, f"{self.prefix}group_log_alpha")
+    diff = AdapterStore("diff")
+    log_alpha = AdapterStore("log_alpha")
+    group_log_alpha = AdapterStore("group_log_alpha")
 
     def _ensure_stage1_storage(self) -> None:
         for name in ("diff", "log_alpha", "group_log_alpha"):
@@ -235,23 +228,13 @@ class DiffPruningLinear(SparseDeltaLinear):
             if self.quantization_backend is not None:
                 self._warn_lossy_merge()
             weight = self.get_base_weight()
-            merged = weight + self.get_delta_weight(name).to(weight.dtype)
-            self._check_merged(merged, name, safe_merge)
-            self._merge_originals[name] = weight.clone()
-            self.set_base_weight(merged)
-            self.merged_adapters.append(name)
+            self._commit_merge(name, weight + self.get_delta_weight(name).to(weight.dtype), safe_merge, weight.clone())
 
-    def unmerge(self) -> None:
-        for name in self._unmerge_order():
-            original = self._merge_originals.pop(name, None)
-            if original is None:
-                continue
-            if original.shape == self.shape and name not in self.values:  # a stage-1 merge: the whole weight
-                self.set_base_weight(original)
-                continue
-            weight = self.get_base_weight().clone()
-            weight.view(-1)[self._all_indices(name).long()] = original.to(weight.dtype)
-            self.set_base_weight(weight)
+    def _restore_merged(self, name: str, original: torch.Tensor) -> None:
+        if original.shape == self.shape and name not in self.values:  # a stage-1 merge kept the whole weight
+            self.set_base_weight(original)
+        else:
+            super()._restore_merged(name, original)
 
     # ---- loading ---------------------------------------------------------------------------------------------
     def adopt_checkpoint_layout(self, module_key: str, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from ..base import SparseConfig
 
@@ -36,6 +36,12 @@ class LiftConfig(SparseConfig):
     """
 
     method: ClassVar[str] = "lift"
+    positive_ints: ClassVar[tuple[str, ...]] = ("rank", "filter_rank", "svd_niter", "refresh_niter")
+    fractions: ClassVar[tuple[str, ...]] = ("density",)
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "svd": ("exact", "randomized"),
+        "refresh_svd": ("warm", "exact", "randomized"),
+    }
 
     rank: int = field(default=16, metadata={"help": "LoRA-equivalent budget: k = (m + n) * rank per matrix."})
     density: Optional[float] = field(default=None, metadata={"help": "Fraction of each matrix; overrides rank."})
@@ -54,15 +60,6 @@ class LiftConfig(SparseConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
-        self._check_positive(owner, "rank", self.rank)
-        self._check_fraction(owner, "density", self.density)
-        self._check_positive(owner, "filter_rank", self.filter_rank)
-        self._check_positive(owner, "svd_niter", self.svd_niter)
-        if self.svd not in ("exact", "randomized"):
-            raise ValueError(f"{owner}.svd must be 'exact' or 'randomized', got {self.svd!r}")
-        self._check_positive(owner, "refresh_niter", self.refresh_niter)
-        if self.refresh_svd not in ("warm", "exact", "randomized"):
-            raise ValueError(f"{owner}.refresh_svd must be 'warm', 'exact' or 'randomized', got {self.refresh_svd!r}")
         if self.update_interval is not None and (not isinstance(self.update_interval, int) or self.update_interval < 0):
             raise ValueError(
                 f"{owner}.update_interval must be None, 0 or a positive integer, got {self.update_interval!r}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from ..base import SparseConfig
 
@@ -37,6 +37,12 @@ class LorsConfig(SparseConfig):
     """
 
     method: ClassVar[str] = "lors"
+    positive_ints: ClassVar[tuple[str, ...]] = ("r",)
+    positive_numbers: ClassVar[tuple[str, ...]] = ("lora_alpha", "init_gamma")
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "init_lora_weights": ("gradient", "kaiming"),
+        "gradient": ("exact", "straight_through"),
+    }
 
     r: int = field(default=16, metadata={"help": "Rank of B·A."})
     lora_alpha: float = field(default=16, metadata={"help": "Scale numerator: s = lora_alpha/sqrt(r) (rslora)."})
@@ -54,19 +60,8 @@ class LorsConfig(SparseConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
-        self._check_positive(owner, "r", self.r)
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise ValueError(f"{owner}.lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if self.init_lora_weights not in ("gradient", "kaiming"):
-            raise ValueError(
-                f"{owner}.init_lora_weights must be 'gradient' or 'kaiming', got {self.init_lora_weights!r}"
-            )
-        if not float(self.init_gamma) > 0:
-            raise ValueError(f"{owner}.init_gamma must be positive, got {self.init_gamma!r}")
         if isinstance(self.init_niter, bool) or not isinstance(self.init_niter, int) or self.init_niter < 0:
             raise ValueError(f"{owner}.init_niter must be a non-negative integer, got {self.init_niter!r}")
-        if self.gradient not in ("exact", "straight_through"):
-            raise ValueError(f"{owner}.gradient must be 'exact' or 'straight_through', got {self.gradient!r}")
 
     @property
     def scaling(self) -> float:

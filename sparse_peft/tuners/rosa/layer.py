@@ -16,6 +16,7 @@ from ...sparse.masks_file import read_mask
 from ...sparse.regrow import unwrap_optimizer
 from ...sparse.select import gradient_score, magnitude_score, random_score, topk_positions
 from ...sparse.stats import Window, calibrating, per_sample_squares
+from ..layer_base import AdapterStore
 from ..sparse_delta import SparseDeltaLinear
 from .config import RosaConfig
 
@@ -36,6 +37,18 @@ class GradientWindow:
     pending_count: float = 0.0
     steps: int = 0
     group: Any = field(default=None, repr=False)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The committed statistics (checkpoint side file): ``total`` bit-exact, ``count``, ``steps``."""
+        if self.total is None:
+            return {}
+        count = torch.tensor(self.count, dtype=torch.float64)
+        return {"total": self.total.detach(), "count": count, "steps": torch.tensor(self.steps)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], shape: tuple[int, int], device: Any) -> GradientWindow:
+        total = tensors["total"].to(device=device, dtype=torch.float32).view(shape).clone()
+        return cls(total=total, count=float(tensors["count"]), steps=int(tensors["steps"]))
 
 
 class RosaLinear(SparseDeltaLinear):
@@ -78,17 +91,9 @@ class RosaLinear(SparseDeltaLinear):
         super().__init__(*args, **kwargs)
 
     # ---- storage ---------------------------------------------------------------------------------------------
-    @property
-    def lora_A(self) -> nn.ParameterDict:
-        return getattr(self, f"{self.prefix}lora_A")
-
-    @property
-    def lora_B(self) -> nn.ParameterDict:
-        return getattr(self, f"{self.prefix}lora_B")
-
-    @property
-    def mask_ready(self) -> BufferDict:
-        return getattr(self, f"{self.prefix}mask_ready")
+    lora_A = AdapterStore("lora_A")
+    lora_B = AdapterStore("lora_B")
+    mask_ready = AdapterStore("mask_ready")  # int32 flag per adapter: the sparse mask is chosen
 
     def _init_rosa_containers(self) -> None:
         """Create the LoRA and flag containers once (``update_layer`` runs inside the engine's ``__init__``)."""
@@ -339,24 +344,13 @@ class RosaLinear(SparseDeltaLinear):
 
     # ---- checkpointing of the collection window ----------------------------------------------------------------
     def export_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The open window: ``total`` (float32, bit-exact), ``count`` and ``steps``."""
         window = self._windows.get(adapter_name)
-        if window is None or window.total is None:
-            return {}
-        return {
-            "total": window.total.detach(),
-            "count": torch.tensor(window.count, dtype=torch.float64),
-            "steps": torch.tensor(window.steps),
-        }
+        return window.to_tensors() if window is not None else {}
 
     def import_state(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         config: RosaConfig = self.adapter_configs[adapter_name]
         device = config.stats_device or self.values[adapter_name].device
-        self._windows[adapter_name] = GradientWindow(
-            total=tensors["total"].to(device=device, dtype=torch.float32).view(self.shape).clone(),
-            count=float(tensors["count"]),
-            steps=int(tensors["steps"]),
-        )
+        self._windows[adapter_name] = GradientWindow.from_tensors(tensors, self.shape, device)
 
 
 _p = RosaLinear.prefix

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from ..base import SparseConfig
 
@@ -38,6 +38,8 @@ class S2FTConfig(SparseConfig):
     """
 
     method: ClassVar[str] = "s2ft"
+    fractions: ClassVar[tuple[str, ...]] = ("v_ratio", "o_ratio", "up_ratio", "down_ratio")
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"selection": STRATEGIES, "o_unit": ("head", "kv_group")}
 
     target_modules: Optional[Union[list[str], str]] = field(
         default_factory=lambda: ["v_proj", "o_proj", "up_proj", "down_proj"],
@@ -62,12 +64,6 @@ class S2FTConfig(SparseConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
-        for name in ("v_ratio", "o_ratio", "up_ratio", "down_ratio"):
-            self._check_fraction(owner, name, getattr(self, name))
-        if self.selection not in STRATEGIES:
-            raise ValueError(f"{owner}.selection must be one of {STRATEGIES}, got {self.selection!r}")
-        if self.o_unit not in ("head", "kv_group"):
-            raise ValueError(f"{owner}.o_unit must be 'head' or 'kv_group', got {self.o_unit!r}")
         bad = {k: v for k, v in self.module_roles.items() if v not in ROLES}
         if bad:
             raise ValueError(f"{owner}.module_roles maps {bad} to unknown roles; use one of {ROLES}")

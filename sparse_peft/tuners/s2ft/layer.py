@@ -13,7 +13,7 @@ from torch import nn
 from ...sparse.slices import col_slice_matmul, row_slice_matmul
 from ...sparse.stats import Window, calibrating
 from ..base import from_checkpoint
-from ..layer_base import SparseLayerBase
+from ..layer_base import AdapterStore, SparseLayerBase
 from .config import S2FTConfig
 
 
@@ -90,7 +90,7 @@ class S2FTLinear(SparseLayerBase):
     prefix: str = "sparse_peft_s2ft_"
     adapter_layer_names: tuple[str, ...] = ("sparse_peft_s2ft_delta",)
     other_param_names: tuple[str, ...] = ("sparse_peft_s2ft_index",)
-    _adapter_state = ("adapter_configs", "specs", "_merge_originals", "uncalibrated")
+    _adapter_state = (*SparseLayerBase._adapter_state, "specs", "uncalibrated")
     calibrates_at_train_begin = True  # choosing units changes the index buffer and zeroes D; shapes stay
 
     def __init__(
@@ -104,20 +104,14 @@ class S2FTLinear(SparseLayerBase):
         super().__init__(base_layer, module_name)
         self.sparse_peft_s2ft_delta = nn.ParameterDict({})
         self.sparse_peft_s2ft_index = BufferDict({}, persistent=True)
-        self._merge_originals: dict[str, torch.Tensor] = {}
         self.attention = attention
         self.specs: dict[str, SliceSpec] = {}
         self.uncalibrated: set[str] = set()
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    @property
-    def delta(self) -> nn.ParameterDict:
-        return self.sparse_peft_s2ft_delta
-
-    @property
-    def index(self) -> BufferDict:
-        return self.sparse_peft_s2ft_index
+    delta = AdapterStore("delta")
+    index = AdapterStore("index")
 
     def role(self, config: S2FTConfig) -> str:
         leaf = self.module_name.split(".")[-1]
@@ -201,9 +195,7 @@ class S2FTLinear(SparseLayerBase):
         result, final = self._base_forward(x, *args, **kwargs)
         if final:
             return result
-        for name in self.active_adapters:
-            if name not in self.delta:
-                continue
+        for name in self._active_in(self.delta):
             if name in self.uncalibrated and self.training and torch.is_grad_enabled() and not calibrating():
                 warnings.warn(
                     f"S2FTConfig(selection={self.adapter_configs[name].selection!r}) on {self.module_name}: call "
@@ -246,16 +238,10 @@ class S2FTLinear(SparseLayerBase):
             where = self._slice(name, weight)
             original = weight[where].clone()
             weight[where] = original + self.delta[name].detach().to(weight.dtype)
-            self._check_merged(weight, name, safe_merge)
-            self._merge_originals[name] = original
-            self.set_base_weight(weight)
-            self.merged_adapters.append(name)
+            self._commit_merge(name, weight, safe_merge, original)
 
     def unmerge(self) -> None:
-        for name in self._unmerge_order():
-            original = self._merge_originals.pop(name, None)
-            if original is None:
-                continue
+        for name, original in self._saved_merges():
             weight = self.get_base_weight().clone()
             weight[self._slice(name, weight)] = original
             self.set_base_weight(weight)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from ..base import SparseConfig
 
@@ -44,6 +44,10 @@ class SmtConfig(SparseConfig):
     """
 
     method: ClassVar[str] = "smt"
+    positive_ints: ClassVar[tuple[str, ...]] = ("block_size", "num_blocks", "max_blocks_per_matrix", "warmup_steps")
+    fractions: ClassVar[tuple[str, ...]] = ("block_ratio",)
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"selection": ("global", "per_matrix"), "block_score": SCORES}
+    needs_one_of: ClassVar[tuple[str, ...]] = ("num_blocks", "block_ratio")
 
     target_modules: Optional[Union[list[str], str]] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj"],
@@ -76,18 +80,3 @@ class SmtConfig(SparseConfig):
             "loaders allocate the same sizes; do not set by hand."
         },
     )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        owner = type(self).__name__
-        self._check_positive(owner, "block_size", self.block_size)
-        self._check_positive(owner, "num_blocks", self.num_blocks)
-        self._check_fraction(owner, "block_ratio", self.block_ratio)
-        if self.num_blocks is None and self.block_ratio is None:
-            raise ValueError(f"{owner} needs num_blocks or block_ratio to size the trainable blocks")
-        self._check_positive(owner, "max_blocks_per_matrix", self.max_blocks_per_matrix)
-        self._check_positive(owner, "warmup_steps", self.warmup_steps)
-        if self.selection not in ("global", "per_matrix"):
-            raise ValueError(f"{owner}.selection must be 'global' or 'per_matrix', got {self.selection!r}")
-        if self.block_score not in SCORES:
-            raise ValueError(f"{owner}.block_score must be one of {SCORES}, got {self.block_score!r}")

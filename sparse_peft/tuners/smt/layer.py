@@ -23,7 +23,7 @@ from ...sparse.slices import (
     tap_gradient,
 )
 from ...sparse.stats import Window, calibrating
-from ..layer_base import SparseLayerBase
+from ..layer_base import AdapterStore, SparseLayerBase
 from .config import SmtConfig
 
 
@@ -53,21 +53,12 @@ class SmtLinear(SparseLayerBase):
     prefix: str = "sparse_peft_smt_"
     adapter_layer_names: tuple[str, ...] = ("sparse_peft_smt_blocks",)
     other_param_names: tuple[str, ...] = ("sparse_peft_smt_positions",)
-    _adapter_state = (
-        "adapter_configs",
-        "selectors",
-        "_grad_acc",
-        "_groups",
-        "_layouts",
-        "_merge_originals",
-        "_collecting",
-    )
+    _adapter_state = (*SparseLayerBase._adapter_state, "selectors", "_grad_acc", "_groups", "_layouts", "_collecting")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SmtConfig, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
         self.sparse_peft_smt_blocks = nn.ParameterDict({})
         self.sparse_peft_smt_positions = BufferDict({}, persistent=True)
-        self._merge_originals: dict[str, tuple[BlockLayout, torch.Tensor]] = {}
         self.selectors: dict[str, BlockSelector] = {}
         self._grad_acc: dict[str, Window] = {}  # Σ ∂L/∂W of the warm-up (or of the calibration pass)
         self._collecting: set[str] = set()
@@ -77,13 +68,8 @@ class SmtLinear(SparseLayerBase):
         self.update_layer(adapter_name, config)
 
     # ---- storage -------------------------------------------------------------------------------------------
-    @property
-    def blocks(self) -> nn.ParameterDict:
-        return self.sparse_peft_smt_blocks
-
-    @property
-    def positions(self) -> BufferDict:
-        return self.sparse_peft_smt_positions
+    blocks = AdapterStore("blocks")
+    positions = AdapterStore("positions")
 
     def grid(self, adapter_name: str) -> tuple[int, int]:
         return grid_shape(self.shape, self.adapter_configs[adapter_name].block_size)
@@ -213,9 +199,7 @@ class SmtLinear(SparseLayerBase):
         result, final = self._base_forward(x, *args, **kwargs)
         if final:
             return result
-        for name in self.active_adapters:
-            if name not in self.blocks:
-                continue
+        for name in self._active_in(self.blocks):
             blocks = self.blocks[name]
             if self.training and torch.is_grad_enabled() and not calibrating():
                 if name in self._collecting:
@@ -258,17 +242,10 @@ class SmtLinear(SparseLayerBase):
                 continue
             weight = self.get_base_weight()
             merged = scatter_blocks(weight, self.blocks[name].detach()[:used], layout, add=True)
-            self._check_merged(merged, name, safe_merge)
-            self._merge_originals[name] = (layout, gather_blocks(weight, layout))
-            self.set_base_weight(merged)
-            self.merged_adapters.append(name)
+            self._commit_merge(name, merged, safe_merge, (layout, gather_blocks(weight, layout)))
 
     def unmerge(self) -> None:
-        for name in self._unmerge_order():
-            saved = self._merge_originals.pop(name, None)
-            if saved is None:
-                continue
-            layout, originals = saved
+        for _, (layout, originals) in self._saved_merges():
             self.set_base_weight(scatter_blocks(self.get_base_weight(), originals, layout, add=False))
 
     # ---- loading and resume --------------------------------------------------------------------------------

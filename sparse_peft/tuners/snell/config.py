@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Union
+from typing import Any, ClassVar, Union
 
 from ..base import SparseConfig
 
@@ -47,6 +47,9 @@ class SnellConfig(SparseConfig):
     """
 
     method: ClassVar[str] = "snell"
+    positive_ints: ClassVar[tuple[str, ...]] = ("r",)
+    positive_numbers: ClassVar[tuple[str, ...]] = ("kernel_scale",)
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"init_weights": (True, False, "identity")}
     identity_at_init: ClassVar[bool] = False  # the default init; init_weights="identity" is (starts_as_identity)
 
     r: int = field(default=8, metadata={"help": "LoRA-equivalent rank (even); two factor pairs of rank r/2."})
@@ -69,14 +72,9 @@ class SnellConfig(SparseConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
-        self._check_positive(owner, "r", self.r)
         if self.r % 2:
             raise ValueError(f"{owner}.r must be even (two factor pairs of rank r/2), got {self.r}; use e.g. r=8")
         if isinstance(self.sparsity, bool) or not 0.0 <= float(self.sparsity) < 1.0:
             raise ValueError(f"{owner}.sparsity must be in [0, 1), got {self.sparsity!r}; e.g. 0.9 keeps 10% of ΔW")
-        if not float(self.kernel_scale) > 0.0:
-            raise ValueError(f"{owner}.kernel_scale must be positive, got {self.kernel_scale!r}")
-        if self.init_weights not in (True, False, "identity"):
-            raise ValueError(f"{owner}.init_weights must be True, False or 'identity', got {self.init_weights!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"{owner}.dropout must be in [0, 1), got {self.dropout!r}")

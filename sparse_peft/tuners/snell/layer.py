@@ -59,7 +59,7 @@ class SnellLinear(SparseLayerBase):
     prefix = "sparse_peft_snell_"
     adapter_layer_names: tuple[str, ...] = ("sparse_peft_snell_A", "sparse_peft_snell_B")
     other_param_names: tuple[str, ...] = ("sparse_peft_snell_A0", "sparse_peft_snell_B0", "sparse_peft_snell_dropout")
-    _adapter_state = ("adapter_configs", "_merge_originals")
+    _adapter_state = SparseLayerBase._adapter_state
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SnellConfig, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
@@ -68,7 +68,6 @@ class SnellLinear(SparseLayerBase):
         self.sparse_peft_snell_A0 = BufferDict({}, persistent=True)
         self.sparse_peft_snell_B0 = BufferDict({}, persistent=True)
         self.sparse_peft_snell_dropout = nn.ModuleDict({})
-        self._merge_originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -150,18 +149,12 @@ class SnellLinear(SparseLayerBase):
             weight = self.get_base_weight()
             delta = self.get_delta_weight(name).reshape(-1)
             positions = delta.nonzero().flatten()
-            merged = add_into(weight, delta[positions], positions)
-            self._check_merged(merged, name, safe_merge)
-            self._merge_originals[name] = (positions, gather(weight, positions).clone())
-            self.set_base_weight(merged)
-            self.merged_adapters.append(name)
+            original = (positions, gather(weight, positions))
+            self._commit_merge(name, add_into(weight, delta[positions], positions), safe_merge, original)
 
     def unmerge(self) -> None:
         """Undo :meth:`merge` exactly, last merged adapter first."""
-        for name in self._unmerge_order():
-            if name not in self._merge_originals:
-                continue
-            positions, originals = self._merge_originals.pop(name)
+        for _, (positions, originals) in self._saved_merges():
             weight = self.get_base_weight().clone()
             weight.view(-1)[positions] = originals.to(weight.dtype)
             self.set_base_weight(weight)

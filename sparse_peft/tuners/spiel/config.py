@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from ..base import SparseConfig
 
@@ -41,6 +41,19 @@ class SpielConfig(SparseConfig):
     """
 
     method: ClassVar[str] = "spiel"
+    positive_ints: ClassVar[tuple[str, ...]] = (
+        "rank",
+        "reselection_steps",
+        "selection_accumulation_steps",
+        "total_steps",
+    )
+    fractions: ClassVar[tuple[str, ...]] = ("density", "initial_reselection_rate")
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "selection_algorithm": ("rigl", "sm3"),
+        "reselection_rate_policy": ("linear", "cosine"),
+        "initial_selection": ("window", "calibration"),
+    }
+    needs_one_of: ClassVar[tuple[str, ...]] = ("density", "rank")
 
     density: Optional[float] = field(default=0.01, metadata={"help": "Fraction of each matrix that is trainable."})
     rank: Optional[int] = field(default=None, metadata={"help": "LoRA-matched budget k=(m+n)*rank; overrides density."})
@@ -60,28 +73,10 @@ class SpielConfig(SparseConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
-        self._check_fraction(owner, "density", self.density)
-        self._check_positive(owner, "rank", self.rank)
-        if self.density is None and self.rank is None:
-            raise ValueError(f"{owner} needs density or rank to size each matrix's delta")
-        self._check_positive(owner, "reselection_steps", self.reselection_steps)
-        self._check_positive(owner, "selection_accumulation_steps", self.selection_accumulation_steps)
         if self.selection_accumulation_steps >= self.reselection_steps:
             raise ValueError(
                 f"{owner}.selection_accumulation_steps ({self.selection_accumulation_steps}) must be smaller than "
                 f"reselection_steps ({self.reselection_steps})"
-            )
-        self._check_fraction(owner, "initial_reselection_rate", self.initial_reselection_rate)
-        self._check_positive(owner, "total_steps", self.total_steps)
-        if self.selection_algorithm not in ("rigl", "sm3"):
-            raise ValueError(f"{owner}.selection_algorithm must be 'rigl' or 'sm3', got {self.selection_algorithm!r}")
-        if self.reselection_rate_policy not in ("linear", "cosine"):
-            raise ValueError(f"{owner}.reselection_rate_policy must be 'linear' or 'cosine'")
-        if self.initial_selection not in ("window", "calibration"):
-            raise ValueError(
-                f"{owner}.initial_selection must be 'window' (random start, replaced at step "
-                f"selection_accumulation_steps) or 'calibration' (chosen by sparse_peft.calibrate before training), "
-                f"got {self.initial_selection!r}"
             )
 
     def reselection_rate(self, step: int, total_steps: int, calibrated: bool = False) -> float:

@@ -37,6 +37,21 @@ class Window:
     steps: int = 0
     group: Any = field(default=None, repr=False)
 
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The committed statistics (checkpoint side file): candidates, ``Σ G``, ``Σ G²`` and ``steps``."""
+        if self.candidates is None:
+            return {}
+        sums = {"sum_g": self.sum_g.detach(), "sum_g2": self.sum_g2.detach()}
+        return {"candidates": self.candidates.detach(), **sums, "steps": torch.tensor(self.steps)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], shape: tuple[int, int], index: torch.Tensor) -> Window:
+        """The window of :meth:`to_tensors`, on ``index``'s device, candidates in ``index``'s dtype."""
+        candidates = tensors["candidates"].to(device=index.device, dtype=index.dtype)
+        sums = {key: tensors[key].to(device=index.device, dtype=torch.float32).clone() for key in ("sum_g", "sum_g2")}
+        pattern = SparsePattern.build(candidates, shape)
+        return cls(candidates=candidates, pattern=pattern, **sums, steps=int(tensors["steps"]))
+
 
 class SpielLinear(SparseDeltaLinear):
     """SpIEL on one linear layer (Ansell et al., 2024).
@@ -283,24 +298,8 @@ class SpielLinear(SparseDeltaLinear):
 
     # ---- checkpointing of open windows ---------------------------------------------------------------------
     def export_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The open window: ``candidates``, ``sum_g``, ``sum_g2`` (float32) and ``steps``."""
         window = self._windows.get(adapter_name)
-        if window is None or window.candidates is None:
-            return {}
-        return {
-            "candidates": window.candidates.detach(),
-            "sum_g": window.sum_g.detach(),
-            "sum_g2": window.sum_g2.detach(),
-            "steps": torch.tensor(window.steps),
-        }
+        return window.to_tensors() if window is not None else {}
 
     def import_state(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
-        device = self.values[adapter_name].device
-        candidates = tensors["candidates"].to(device=device, dtype=self.indices[adapter_name].dtype)
-        self._windows[adapter_name] = Window(
-            candidates=candidates,
-            pattern=SparsePattern.build(candidates, self.shape),
-            sum_g=tensors["sum_g"].to(device=device, dtype=torch.float32).clone(),
-            sum_g2=tensors["sum_g2"].to(device=device, dtype=torch.float32).clone(),
-            steps=int(tensors["steps"]),
-        )
+        self._windows[adapter_name] = Window.from_tensors(tensors, self.shape, self.indices[adapter_name])

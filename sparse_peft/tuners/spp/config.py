@@ -24,13 +24,8 @@ class SppConfig(SparseConfig):
     """
 
     method: ClassVar[str] = "spp"
+    positive_ints: ClassVar[tuple[str, ...]] = ("groups",)
+    positive_numbers: ClassVar[tuple[str, ...]] = ("scaling",)
 
     groups: int = field(default=16, metadata={"help": "G: output-row blocks sharing one α row; must divide out."})
     scaling: float = field(default=2.0, metadata={"help": "s in W ⊙ (1 + s·β·α̂) (reference: lora_alpha/r = 2)."})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        owner = type(self).__name__
-        self._check_positive(owner, "groups", self.groups)
-        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or self.scaling <= 0:
-            raise ValueError(f"{owner}.scaling must be a positive number, got {self.scaling!r}")
