@@ -96,7 +96,7 @@ def smt_model(out_f: int, in_f: int, density: float) -> nn.Module:
     grid = (-(-out_f // BLOCK), -(-in_f // BLOCK))
     n_blocks = max(1, round(density * out_f * in_f / BLOCK**2))
     config = sparse_peft.SmtConfig(
-        target_modules=["proj"], block_size=BLOCK, num_blocks=n_blocks, selection="per_matrix", warmup_steps=1
+        target_modules=["proj"], block_size=BLOCK, num_blocks=n_blocks, selection="per_matrix", window_steps=1
     )
     model = get_peft_model(One(out_f, in_f), config)
     chosen = torch.randperm(grid[0] * grid[1], generator=torch.Generator().manual_seed(0))[:n_blocks]
@@ -109,7 +109,7 @@ def smt_model(out_f: int, in_f: int, density: float) -> nn.Module:
 
 def s2ft_model(out_f: int, in_f: int, density: float, role: str) -> nn.Module:
     """S²FT on one ``up_proj`` (output rows) or ``down_proj`` (input columns) with ratio ``d``."""
-    config = sparse_peft.S2FTConfig(target_modules=[f"{role}_proj"], **{f"{role}_ratio": density})
+    config = sparse_peft.S2ftConfig(target_modules=[f"{role}_proj"], **{f"{role}_ratio": density})
     return get_peft_model(One(out_f, in_f, name=f"{role}_proj"), config)
 
 

@@ -49,7 +49,7 @@ from .tuners.rosa import (
     save_rosa_masks,
     use_rosa_learning_rates,
 )
-from .tuners.s2ft.config import S2FTConfig
+from .tuners.s2ft.config import S2ftConfig
 from .tuners.s2ft.layer import S2FTLinear
 from .tuners.s2ft.model import S2FTModel, calibrate_s2ft
 from .tuners.smt.config import SmtConfig
@@ -67,7 +67,7 @@ from .tuners.spp.model import SppModel
 
 METHODS: dict[str, tuple[type, type]] = {
     "smt": (SmtConfig, SmtModel),
-    "s2ft": (S2FTConfig, S2FTModel),
+    "s2ft": (S2ftConfig, S2FTModel),
     "snell": (SnellConfig, SnellModel),
     "diff_pruning": (DiffPruningConfig, DiffPruningModel),
     "lift": (LiftConfig, LiftModel),
@@ -98,9 +98,9 @@ __all__ = [
     "RosaConfig",
     "RosaLinear",
     "RosaModel",
-    "S2FTConfig",
     "S2FTLinear",
     "S2FTModel",
+    "S2ftConfig",
     "ScheduleContext",
     "SmtConfig",
     "SmtLinear",
@@ -142,3 +142,16 @@ __all__ = [
     "use_rosa_learning_rates",
     "wanda_prune",
 ]
+
+#: Earlier public names, still importable with a FutureWarning.
+_RENAMED_EXPORTS = {"S2FTConfig": "S2ftConfig"}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED_EXPORTS:
+        import warnings
+
+        new = _RENAMED_EXPORTS[name]
+        warnings.warn(f"sparse_peft.{name} is now sparse_peft.{new}; the old name will be removed", FutureWarning, 2)
+        return globals()[new]
+    raise AttributeError(f"module 'sparse_peft' has no attribute {name!r}")

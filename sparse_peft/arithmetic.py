@@ -19,7 +19,7 @@ further, saved with ``save_pretrained`` and loaded with ``PeftModel.from_pretrai
     from sparse_peft import add_weighted_sparse_adapter
 
     # 1. a "language" adapter: causal-LM loss on unlabelled text of the target language
-    #    get_peft_model(base, sparse_peft.LiftConfig(rank=16)), train, save_pretrained("lang")
+    #    get_peft_model(base, sparse_peft.LiftConfig(r=16)), train, save_pretrained("lang")
     # 2. a "task" adapter: the task's labelled data (in a source language), trained the same way -> "task"
     # 3. both on one base, added entry by entry
     model = PeftModel.from_pretrained(base, "lang", adapter_name="lang")

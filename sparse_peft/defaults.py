@@ -37,13 +37,13 @@ MAIN_JOB: dict[str, MainJob] = {
         "3.0 gave 57% (LoRA: 54%)",
     ),
     "diff_pruning": MainJob(
-        {"target_density": 0.03, "projection_step": 50},
+        {"density": 0.03, "projection_step": 50},
         lr=1.5e-4,
         evidence="projection halfway through the 100 steps; benchmarks/results/sweeps/diff_pruning (gates at "
         "gate_lr 0.1): lr 5e-5 18%, 1.5e-4 26%, 5e-4 9%",
     ),
     "smt": MainJob(
-        {"block_size": 64, "num_blocks": 330, "warmup_steps": 20},
+        {"block_size": 64, "num_blocks": 330, "window_steps": 20},
         lr=5e-4,
         evidence="block 64 on 576-wide matrices; 330 blocks = the paper's ~1% budget, chosen by the calibration pass "
         "on 160 examples: 42% (in-training warm-up, 2026-11-22: 31%); LoRA's budget (1192 blocks): "
@@ -62,18 +62,18 @@ MAIN_JOB: dict[str, MainJob] = {
         "(benchmarks/results/sweeps/s2ft-equal); up/down only at 2% (1,071,360), 2026-11-22: 9%",
     ),
     "lift": MainJob(
-        {"rank": 16, "filter_rank": 32, "update_interval": 40},
+        {"r": 16, "filter_rank": 32, "update_interval": 40},
         lr=1e-3,
         evidence="LoRA's budget at rank 16; refresh every 40 of 100 steps; 54% = LoRA (benchmarks/results/2026-12-02)",
     ),
     "spiel": MainJob(
-        {"rank": 16, "density": None, "reselection_steps": 20, "selection_accumulation_steps": 5},
+        {"r": 16, "density": None, "reselection_steps": 20, "window_steps": 5},
         lr=1e-3,
         evidence="LoRA's budget at rank 16; lr 1e-3: 37% (2026-12-02 main job), 3e-4: 23% "
         "(benchmarks/results/sweeps/spiel)",
     ),
     "rosa": MainJob(
-        {"r": 8, "lora_alpha": 16, "density": 0.02, "schedule": "wl20", "grad_collection_steps": 4},
+        {"r": 8, "lora_alpha": 16, "density": 0.02, "schedule": "wl20", "window_steps": 4},
         lr=1e-3,
         sparse_lr=1e-4,
         evidence="S at the LoRA rate (1e-3) rose the loss from 1.12 to 1.58 and ended at 24%; S at 1e-4: 51% "
@@ -105,7 +105,7 @@ EQUAL_BUDGET: dict[str, dict[str, Any]] = {
         "down_ratio": 0.05,
     },
     "smt": {"num_blocks": 1192},
-    "diff_pruning": {"target_density": 0.046},
+    "diff_pruning": {"density": 0.046},
 }
 
 #: The DPO recipes run 50 steps instead of 100: fields that follow the step count.

@@ -29,6 +29,7 @@ from .groups import declared_settings, use_param_groups
 from .instruments import StepTimer, optimizer_state_bytes, peak_rss_since, reset_peak_rss
 from .prune import PruneSpec, calibration_batches, measure_sparsity, merged_sparsity, parse_prune_spec, prune_model
 from .sparse.io import atomic_write
+from .tuners.base import current_field_names
 from .tuners.layer_base import SparseLayerBase, StorageReport
 from .tuners.rosa import use_rosa_learning_rates
 
@@ -98,6 +99,7 @@ def method_config(method: str, overrides: dict[str, Any], main_job: bool = True)
     if method not in METHODS:
         raise SystemExit(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
     config_cls = METHODS[method][0]
+    overrides = current_field_names(config_cls, overrides)
     unknown = sorted(set(overrides) - set(config_cls.__dataclass_fields__))
     if unknown:
         raise SystemExit(f"{config_cls.__name__} has no field(s) {', '.join(unknown)}")
@@ -209,8 +211,9 @@ def base_preparer(
 
 # ---- calibrate, learning rates -------------------------------------------------------------------------------------
 def calibration_samples(config: Any, batch_size: int) -> int:
-    """Examples for the calibration pass: SMT's warm-up (``warmup_steps`` batches), else 128 (LoRS's reference)."""
-    steps = getattr(config, "warmup_steps", None) if config is not None and config.method == "smt" else None
+    """Examples for the calibration pass: SMT's warm-up window (``window_steps`` batches), else 128 (LoRS's
+    reference)."""
+    steps = getattr(config, "window_steps", None) if config is not None and config.method == "smt" else None
     return steps * batch_size if steps else 128
 
 

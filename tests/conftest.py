@@ -157,7 +157,7 @@ def run_sft(base_dir, out, max_steps=4, resume=None, save_steps=2, checkpointing
         args=args,
         train_dataset=Dataset.from_dict({"text": TEXTS * 2}),
         processing_class=tokenizer,
-        peft_config=peft_config or LiftConfig(rank=2, filter_rank=4, update_interval=1),
+        peft_config=peft_config or LiftConfig(r=2, filter_rank=4, update_interval=1),
         callbacks=[SparsePeftCallback()],
     )
     trainer.train(resume_from_checkpoint=resume)

@@ -8,20 +8,20 @@ import sparse_peft
 
 #: Per method: config kwargs that give a working adapter on ``tiny_llama`` / ``tiny_chat_model`` within a few steps.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "lift": {"rank": 2, "filter_rank": 4, "update_interval": 2},
-    "spiel": {"density": 0.05, "reselection_steps": 3, "selection_accumulation_steps": 1},
-    "rosa": {"r": 2, "lora_alpha": 4, "density": 0.05, "schedule": "wl1", "grad_collection_steps": 1},
-    "smt": {"block_size": 16, "num_blocks": 4, "warmup_steps": 1},
+    "lift": {"r": 2, "filter_rank": 4, "update_interval": 2},
+    "spiel": {"density": 0.05, "reselection_steps": 3, "window_steps": 1},
+    "rosa": {"r": 2, "lora_alpha": 4, "density": 0.05, "schedule": "wl1", "window_steps": 1},
+    "smt": {"block_size": 16, "num_blocks": 4, "window_steps": 1},
     "s2ft": {"v_ratio": 0.5, "o_ratio": 0.5},
     "spp": {"groups": 4},
     "lors": {"r": 2, "lora_alpha": 2},
     "snell": {"r": 4, "sparsity": 0.5},
-    "diff_pruning": {"target_density": 0.05, "projection_step": 2},
+    "diff_pruning": {"density": 0.05, "projection_step": 2},
 }
 
 #: Overrides for the 6-step DDP run (schedules that pick or move masks within the run).
 DDP_OVERRIDES: dict[str, dict[str, Any]] = {
-    "spiel": {"density": 0.1, "reselection_steps": 3, "selection_accumulation_steps": 2},
+    "spiel": {"density": 0.1, "reselection_steps": 3, "window_steps": 2},
     "diff_pruning": {"projection_step": None},  # the worker projects between two DDP runs
 }
 
@@ -52,9 +52,9 @@ QUANTIZED_4BIT: dict[str, dict[str, Any]] = {method: {} for method in TINY_CONFI
 #: statistics window open at the checkpoint where the method has one).
 RESUME_CONFIGS: dict[str, dict[str, Any]] = {
     "lift": {"update_interval": 2},
-    "spiel": {"density": 0.1, "reselection_steps": 5, "selection_accumulation_steps": 4},  # window open at step 3
-    "rosa": {"schedule": "wl2", "grad_collection_steps": 2},
-    "smt": {"warmup_steps": 4},
+    "spiel": {"density": 0.1, "reselection_steps": 5, "window_steps": 4},  # window open at step 3
+    "rosa": {"schedule": "wl2", "window_steps": 2},
+    "smt": {"window_steps": 4},
     "diff_pruning": {"projection_step": 2},
 }
 

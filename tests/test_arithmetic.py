@@ -154,7 +154,7 @@ def test_dare_on_the_model_is_seeded(lift_pair):
 
 
 def test_soup_of_adapters_with_one_mask_is_their_mean():
-    config = lambda: LiftConfig(rank=2, filter_rank=4, update_interval=None)  # noqa: E731
+    config = lambda: LiftConfig(r=2, filter_rank=4, update_interval=None)  # noqa: E731
     model = get_peft_model(tiny_llama(), config(), adapter_name="run1")
     plain_steps(model, steps=3, lr=1e-2)
     model.add_adapter("run2", config())
@@ -264,7 +264,7 @@ def test_diff_pruning_before_its_projection_names_the_layer():
 
 def test_adapters_on_different_layers_name_the_layer(lift_pair):
     model = lift_pair
-    model.add_adapter("qv", LiftConfig(rank=2, filter_rank=4, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("qv", LiftConfig(r=2, filter_rank=4, target_modules=["q_proj", "v_proj"]))
     try:
         with pytest.raises(ValueError, match=r"layer model\.layers\.0\.self_attn\.k_proj: adapter 'lang' adapts it"):
             add_weighted_sparse_adapter(model, ["lang", "qv"], [1.0, 1.0], "sum")
@@ -274,7 +274,7 @@ def test_adapters_on_different_layers_name_the_layer(lift_pair):
 
 
 def test_adapters_of_different_shapes_name_the_layer_and_the_shapes(lift_pair):
-    small = get_peft_model(tiny_llama(hidden_size=32, intermediate_size=64), LiftConfig(rank=1, filter_rank=2))
+    small = get_peft_model(tiny_llama(hidden_size=32, intermediate_size=64), LiftConfig(r=1, filter_rank=2))
     deltas = {"lang": adapter_deltas(lift_pair, "lang"), "small": adapter_deltas(small, "default")}
     with pytest.raises(ValueError, match=r"layer model\.layers\.0\.self_attn\.q_proj: .*\(64, 64\).*\(32, 32\)"):
         combine_deltas(deltas, [1.0, 1.0])

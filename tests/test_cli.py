@@ -54,7 +54,7 @@ def test_train_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsys):
             "--batch-size", "4",
             "--max-length", "32",
             "--set", "filter_rank=4",
-            "--set", "rank=2",
+            "--set", "r=2",
             "--set", "update_interval=2",
             "--output", str(out),
         ]
@@ -87,7 +87,9 @@ def test_set_parsing_and_unknown_fields():
         parse_set(["rank"])
     with pytest.raises(SystemExit, match="no field"):
         build_config("lift", {"ranks": 3})
-    assert build_config("lift", {"rank": 3}).rank == 3
+    assert build_config("lift", {"r": 3}).r == 3
+    with pytest.warns(FutureWarning, match=r"LiftConfig.rank is now LiftConfig.r"):
+        assert build_config("lift", {"rank": 3}).r == 3  # the earlier name still works
 
 
 @pytest.mark.parametrize("method", ["lora", "full", "shira", "supertuning", "lora_pruned"])
@@ -134,7 +136,7 @@ def test_train_on_a_4bit_base(tiny_model_dir, tmp_path, method):
     if method == "lors":
         args += ["--prune", "magnitude:2:4", "--set", "r=2"]
     else:
-        args += ["--set", "rank=2", "--set", "filter_rank=4"]
+        args += ["--set", "r=2", "--set", "filter_rank=4"]
     assert main([*args, "--output", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     # the saved adapter reloads bit-exactly (logits of bitsandbytes CPU models are no reference; see the README)
@@ -152,7 +154,7 @@ def test_rosa_sparse_learning_rate(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--method", "rosa", "--model", str(tiny_model_dir), "--data", str(train), "--sparse-lr", "0"]
     args += ["--eval-data", str(evaluation), "--steps", "3", "--batch-size", "4", "--max-length", "32"]
-    args += ["--set", "r=2", "--set", "density=0.05", "--set", "schedule=default", "--set", "grad_collection_steps=1"]
+    args += ["--set", "r=2", "--set", "density=0.05", "--set", "schedule=default", "--set", "window_steps=1"]
     assert main([*args, "--output", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sparse_learning_rate"] == 0.0 and summary["learning_rate"] > 0
@@ -178,7 +180,7 @@ def test_train_runs_the_calibration_pass_first(tiny_model_dir, tmp_path, method)
     args = ["train", "--method", method, "--model", str(tiny_model_dir), "--data", str(train), "--eval-data"]
     args += [str(evaluation), "--steps", "2", "--batch-size", "4", "--max-length", "32", "--output", str(out)]
     if method == "smt":
-        args += ["--set", "block_size=16", "--set", "num_blocks=7", "--set", "warmup_steps=2"]
+        args += ["--set", "block_size=16", "--set", "num_blocks=7", "--set", "window_steps=2"]
     else:
         args += ["--set", "r=2", "--prune", "magnitude:0.5"]
     assert main(args) == 0
@@ -188,7 +190,7 @@ def test_train_runs_the_calibration_pass_first(tiny_model_dir, tmp_path, method)
     assert summary["stored_entries"] == summary["trainable_parameters"] > 0  # what the adapter stores, not 0
     assert set(summary["storage_by_tensor"]) == ({"blocks", "positions"} if method == "smt" else {"A", "B"})
     if method == "smt":
-        assert summary["calibration"]["samples"] == 2 * 4  # warmup_steps batches
+        assert summary["calibration"]["samples"] == 2 * 4  # window_steps batches
         assert summary["trainable_parameters_at_start"] == summary["trainable_parameters"] == 7 * 16 * 16
 
 
@@ -216,8 +218,8 @@ def test_equal_budget_settings_give_loras_trainable_count():
     for method, overrides in EQUAL_BUDGET.items():
         if method == "smt":  # allocated at the calibration: num_blocks blocks of 64 x 64 (on the 30-layer model)
             count = overrides["num_blocks"] * 64 * 64 * 2 / 30
-        elif method == "diff_pruning":  # the projection keeps target_density of all targeted entries
-            count = overrides["target_density"] * entries
+        elif method == "diff_pruning":  # the projection keeps density of all targeted entries
+            count = overrides["density"] * entries
         else:
             count = trainable(method, overrides)
         assert abs(count / lora - 1) < 0.015, (method, count, lora)

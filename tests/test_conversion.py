@@ -109,7 +109,7 @@ def test_weight_recompute_delta_is_the_same_while_merged(method):
 
 
 def test_a_layer_without_the_adapter_is_named():
-    model = get_peft_model(tiny_llama(), LiftConfig(rank=2, filter_rank=4))
-    model.add_adapter("qv", LiftConfig(rank=2, filter_rank=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(tiny_llama(), LiftConfig(r=2, filter_rank=4))
+    model.add_adapter("qv", LiftConfig(r=2, filter_rank=4, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(ValueError, match=r"layer model\.layers\.0\.self_attn\.k_proj holds no adapter 'qv'"):
         convert_to_lora(model, 4, adapter_name="qv")

@@ -49,7 +49,7 @@ def run_loop(model, steps, lr=1e-2, optimizer=None, start=1):
 
 
 def config(**kwargs):
-    return DiffPruningConfig(**{"target_density": 0.02, "l0_lambda": 0.0, **kwargs})
+    return DiffPruningConfig(**{"density": 0.02, "l0_lambda": 0.0, **kwargs})
 
 
 def test_stage1_is_identity_at_init_and_trains_diff_and_gates():
@@ -83,7 +83,7 @@ def test_projection_keeps_exact_density_with_one_global_threshold():
 
 
 def test_projection_preserves_the_deterministic_function():
-    model = get_peft_model(tiny_llama(), config(init_weights=False, target_density=1.0)).eval()
+    model = get_peft_model(tiny_llama(), config(init_weights=False, density=1.0)).eval()
     before = model(INPUT).logits.detach()  # eval mode: deterministic gates
     model.base_model.project()
     assert torch.allclose(model(INPUT).logits, before, atol=1e-5)
@@ -191,7 +191,7 @@ def test_stage3_checkpoint_loads_into_stage1_model(tmp_path):
 
 
 def test_layer_with_no_survivors_still_runs():
-    model = get_peft_model(tiny_llama(), config(init_weights=False, target_density=1e-5))
+    model = get_peft_model(tiny_llama(), config(init_weights=False, density=1e-5))
     assert model.base_model.project() == 1
     assert sum(layer.values["default"].numel() == 0 for layer in dp_layers(model)) == len(dp_layers(model)) - 1
     model.train()
@@ -210,7 +210,7 @@ def test_quantized_4bit_base_trains_through_projection(base_dir):
     pytest.importorskip("bitsandbytes")
     from conftest import quantized_base
 
-    model = get_peft_model(quantized_base(base_dir, 4), config(projection_step=2, target_density=0.05))
+    model = get_peft_model(quantized_base(base_dir, 4), config(projection_step=2, density=0.05))
     run_loop(model, steps=3)
     assert all(layer.stage("default") == 3 for layer in dp_layers(model))
     assert any(layer.values["default"].abs().sum() > 0 for layer in dp_layers(model))
@@ -268,7 +268,7 @@ def test_sft_trainer_penalty_and_projection(tmp_path):
 
 def test_config_errors_and_cli_alias():
     for kwargs, match in [
-        ({"target_density": 0.0}, "target_density must be in"),
+        ({"density": 0.0}, "density must be in"),
         ({"projection_step": 0}, "projection_step must be a positive integer"),
         ({"l0_lambda": -1.0}, "l0_lambda must be >= 0"),
         ({"gate_left": 0.5}, "gate_left < 0 and gate_right > 1"),

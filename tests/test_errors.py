@@ -18,8 +18,8 @@ def test_density_outside_unit_interval(density):
 
 @pytest.mark.parametrize("rank", [0, -3, 1.5])
 def test_rank_not_positive(rank):
-    with pytest.raises(ValueError, match="LiftConfig.rank must be a positive integer"):
-        LiftConfig(rank=rank)
+    with pytest.raises(ValueError, match="LiftConfig.r must be a positive integer"):
+        LiftConfig(r=rank)
 
 
 def test_bad_svd_and_interval():
@@ -35,7 +35,7 @@ def test_filter_rank_larger_than_matrix():
 
 
 def test_budget_larger_than_matrix_is_capped_but_density_one_is_full():
-    model = get_peft_model(tiny_llama(), LiftConfig(rank=1000, filter_rank=4))
+    model = get_peft_model(tiny_llama(), LiftConfig(r=1000, filter_rank=4))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.values["default"].numel() == 64 * 64
 
@@ -56,7 +56,7 @@ def test_target_parameters_refused():
 
 
 def _saved_adapter(tmp_path, base):
-    model = get_peft_model(base, LiftConfig(rank=2, filter_rank=4, init_weights=False))
+    model = get_peft_model(base, LiftConfig(r=2, filter_rank=4, init_weights=False))
     model.save_pretrained(tmp_path)
     return model
 

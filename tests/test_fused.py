@@ -151,7 +151,7 @@ def test_inference_rule():
 
 
 def _lift_model(tiny):
-    return get_peft_model(tiny, LiftConfig(rank=2, filter_rank=4, init_weights=False))
+    return get_peft_model(tiny, LiftConfig(r=2, filter_rank=4, init_weights=False))
 
 
 def test_layer_uses_the_fused_path_in_training_and_both_paths_agree(base_model, monkeypatch):

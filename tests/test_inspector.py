@@ -11,7 +11,7 @@ from sparse_peft.inspector import density_grid, format_table, matrix_mask, read_
 
 
 def saved_adapter(base_dir, tmp_path):
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LiftConfig(rank=2, filter_rank=4))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LiftConfig(r=2, filter_rank=4))
     out = tmp_path / "adapter"
     model.save_pretrained(out)
     return model, out

@@ -33,7 +33,7 @@ def train_steps(model, steps=3, lr=1e-2, refresh=False):
 
 @pytest.fixture
 def lift_model(base_model):
-    return get_peft_model(base_model, LiftConfig(rank=2, filter_rank=4, update_interval=None))
+    return get_peft_model(base_model, LiftConfig(r=2, filter_rank=4, update_interval=None))
 
 
 def test_default_targets_every_linear_but_lm_head(lift_model):
@@ -43,12 +43,12 @@ def test_default_targets_every_linear_but_lm_head(lift_model):
 
 def test_identity_at_init(base_model):
     expected = base_model(INPUT).logits
-    model = get_peft_model(base_model, LiftConfig(rank=2, filter_rank=4))
+    model = get_peft_model(base_model, LiftConfig(r=2, filter_rank=4))
     assert torch.allclose(model(INPUT).logits, expected)
 
 
 def test_budget_is_lora_equivalent_or_density(base_model):
-    model = get_peft_model(copy.deepcopy(base_model), LiftConfig(rank=3, filter_rank=4))
+    model = get_peft_model(copy.deepcopy(base_model), LiftConfig(r=3, filter_rank=4))
     for layer in lift_layers(model):
         assert layer.values["default"].numel() == (layer.in_features + layer.out_features) * 3
     model = get_peft_model(base_model, LiftConfig(density=0.05, filter_rank=4))
@@ -110,7 +110,7 @@ def test_merge_then_unmerge_restores_base_exactly(lift_model):
 
 def test_disable_adapter_gives_base_outputs(base_model):
     expected = base_model(INPUT).logits.detach().clone()
-    model = get_peft_model(base_model, LiftConfig(rank=2, filter_rank=4, init_weights=False))
+    model = get_peft_model(base_model, LiftConfig(r=2, filter_rank=4, init_weights=False))
     assert not torch.allclose(model(INPUT).logits, expected)
     with model.disable_adapter():
         assert torch.allclose(model(INPUT).logits, expected, atol=1e-6)
@@ -118,7 +118,7 @@ def test_disable_adapter_gives_base_outputs(base_model):
 
 def test_merge_and_unload_and_unload(base_model):
     expected_base = base_model(INPUT).logits.detach().clone()
-    model = get_peft_model(base_model, LiftConfig(rank=2, filter_rank=4, init_weights=False))
+    model = get_peft_model(base_model, LiftConfig(r=2, filter_rank=4, init_weights=False))
     trained = model(INPUT).logits.detach()
     merged = copy.deepcopy(model).merge_and_unload()
     assert not any(isinstance(m, LiftLinear) for m in merged.modules())
@@ -128,9 +128,9 @@ def test_merge_and_unload_and_unload(base_model):
 
 
 def test_multiple_adapters_set_and_delete(base_model):
-    model = get_peft_model(base_model, LiftConfig(rank=2, filter_rank=4, init_weights=False))
+    model = get_peft_model(base_model, LiftConfig(r=2, filter_rank=4, init_weights=False))
     out_default = model(INPUT).logits.detach()
-    model.add_adapter("other", LiftConfig(rank=2, filter_rank=4, init_weights=False, seed=5))
+    model.add_adapter("other", LiftConfig(r=2, filter_rank=4, init_weights=False, seed=5))
     layer = lift_layers(model)[0]
     assert not layer.values["other"].requires_grad and layer.values["default"].requires_grad
     assert torch.allclose(model(INPUT).logits, out_default)  # "other" is not active yet
@@ -144,8 +144,8 @@ def test_multiple_adapters_set_and_delete(base_model):
 
 
 def test_two_merged_adapters_unmerge_exactly(base_model):
-    model = get_peft_model(base_model, LiftConfig(rank=2, filter_rank=4, init_weights=False))
-    model.add_adapter("b", LiftConfig(rank=2, filter_rank=4, init_weights=False, seed=3))
+    model = get_peft_model(base_model, LiftConfig(r=2, filter_rank=4, init_weights=False))
+    model.add_adapter("b", LiftConfig(r=2, filter_rank=4, init_weights=False, seed=3))
     bases = [l.get_base_layer().weight.detach().clone() for l in lift_layers(model)]
     model.base_model.set_adapter(["default", "b"])
     both = model(INPUT).logits.detach()
@@ -166,7 +166,7 @@ def test_indices_stay_integer_under_casts(lift_model, dtype):
 
 
 def test_bf16_base_keeps_fp32_values_and_trains():
-    model = get_peft_model(tiny_llama().to(torch.bfloat16), LiftConfig(rank=2, filter_rank=4))
+    model = get_peft_model(tiny_llama().to(torch.bfloat16), LiftConfig(r=2, filter_rank=4))
     layer = lift_layers(model)[0]
     assert layer.values["default"].dtype == torch.float32  # PEFT's autocast_adapter_dtype
     assert layer.indices["default"].dtype == torch.int32
@@ -175,7 +175,7 @@ def test_bf16_base_keeps_fp32_values_and_trains():
 
 
 def test_refresh_keeps_retired_changes_and_moves_moments():
-    model = get_peft_model(tiny_llama(), LiftConfig(rank=2, filter_rank=4, update_interval=1))
+    model = get_peft_model(tiny_llama(), LiftConfig(r=2, filter_rank=4, update_interval=1))
     optimizer = train_steps(model, steps=2)
     layer = lift_layers(model)[0]
     delta_before = layer.get_delta_weight("default").clone()
@@ -206,10 +206,10 @@ def test_refresh_keeps_retired_changes_and_moves_moments():
 
 
 def test_refresh_follows_update_interval():
-    model = get_peft_model(tiny_llama(), LiftConfig(rank=2, filter_rank=4, update_interval=3))
+    model = get_peft_model(tiny_llama(), LiftConfig(r=2, filter_rank=4, update_interval=3))
     layer = lift_layers(model)[0]
     assert [layer.refresh_due("default", s) for s in range(7)] == [False, False, False, True, False, False, True]
-    model = get_peft_model(tiny_llama(), LiftConfig(rank=2, filter_rank=4, update_interval=None))
+    model = get_peft_model(tiny_llama(), LiftConfig(r=2, filter_rank=4, update_interval=None))
     assert not lift_layers(model)[0].refresh_due("default", 400)
 
 
@@ -241,7 +241,7 @@ def test_warm_refresh_mask_agrees_with_exact_svd(niter):
     on deltas large enough that the exact mask itself moves by more than 10% (here about 30%; one iteration
     reaches only 92% on these small matrices, so the default is two)."""
     base = _structured_weights(tiny_llama())
-    kwargs = dict(rank=2, filter_rank=4, update_interval=None, refresh_niter=niter)
+    kwargs = dict(r=2, filter_rank=4, update_interval=None, refresh_niter=niter)
     warm = get_peft_model(copy.deepcopy(base), LiftConfig(refresh_svd="warm", **kwargs))
     exact = get_peft_model(copy.deepcopy(base), LiftConfig(refresh_svd="exact", **kwargs))
     generator = torch.Generator().manual_seed(1)
@@ -266,8 +266,8 @@ def test_warm_refresh_mask_agrees_with_exact_svd(niter):
 
 
 def test_warm_basis_is_per_adapter_and_deleted_with_it(base_model):
-    model = get_peft_model(base_model, LiftConfig(rank=2, filter_rank=4))
-    model.add_adapter("other", LiftConfig(rank=2, filter_rank=3))
+    model = get_peft_model(base_model, LiftConfig(r=2, filter_rank=4))
+    model.add_adapter("other", LiftConfig(r=2, filter_rank=3))
     layer = lift_layers(model)[0]
     assert layer._principal_bases["default"].shape == (layer.in_features, 8)
     assert layer._principal_bases["other"].shape == (layer.in_features, 6)
@@ -277,7 +277,7 @@ def test_warm_basis_is_per_adapter_and_deleted_with_it(base_model):
 
 def test_refresh_of_a_loaded_adapter_equals_the_original(tmp_path):
     """A loaded adapter has no warm basis; its first refresh recomputes it from the base, so it moves the same."""
-    model = get_peft_model(_structured_weights(tiny_llama()), LiftConfig(rank=2, filter_rank=4, update_interval=1))
+    model = get_peft_model(_structured_weights(tiny_llama()), LiftConfig(r=2, filter_rank=4, update_interval=1))
     train_steps(model, steps=2)
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(_structured_weights(tiny_llama()), tmp_path, is_trainable=True)
@@ -290,7 +290,7 @@ def test_refresh_of_a_loaded_adapter_equals_the_original(tmp_path):
 
 
 def test_randomized_svd_option(base_model):
-    model = get_peft_model(base_model, LiftConfig(rank=2, filter_rank=4, svd="randomized"))
+    model = get_peft_model(base_model, LiftConfig(r=2, filter_rank=4, svd="randomized"))
     assert all(l.indices["default"].numel() > 0 for l in lift_layers(model))
 
 

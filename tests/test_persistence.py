@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import INPUT, run_python
+from conftest import INPUT, run_python, tiny_llama
 from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import sparse_peft
 from sparse_peft import LiftConfig, LiftLinear, __version__, delete_adapter, refresh_masks
 from sparse_peft.compat import TRANSFORMERS_ADAPTER_API
 
@@ -18,7 +19,7 @@ from sparse_peft.compat import TRANSFORMERS_ADAPTER_API
 def _trained_adapter(base_dir, out_dir):
     """Train a LIFT adapter with mask refreshes (so indices differ from a fresh selection) and save it."""
     model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base_dir), LiftConfig(rank=2, filter_rank=4, update_interval=1)
+        AutoModelForCausalLM.from_pretrained(base_dir), LiftConfig(r=2, filter_rank=4, update_interval=1)
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     for step in range(1, 4):
@@ -200,7 +201,7 @@ def test_config_is_written_atomically(tmp_path, monkeypatch):
     from sparse_peft import LiftConfig
 
     target = tmp_path / "adapter"
-    LiftConfig(rank=3).save_pretrained(str(target))
+    LiftConfig(r=3).save_pretrained(str(target))
     original = (target / "adapter_config.json").read_text()
 
     def broken(self, save_directory, **kwargs):
@@ -210,6 +211,66 @@ def test_config_is_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(PeftConfig, "save_pretrained", broken)
     with pytest.raises(OSError, match="disk full"):
-        LiftConfig(rank=4).save_pretrained(str(target))
+        LiftConfig(r=4).save_pretrained(str(target))
     assert (target / "adapter_config.json").read_text() == original
     assert [p.name for p in target.iterdir()] == ["adapter_config.json"]
+
+
+#: Fields renamed to the project's one vocabulary (r, density, window_steps): earlier name -> (method, new name,
+#: a valid value).
+RENAMED = {
+    ("lift", "rank"): ("r", 3),
+    ("spiel", "rank"): ("r", 3),
+    ("spiel", "selection_accumulation_steps"): ("window_steps", 2),
+    ("diff_pruning", "target_density"): ("density", 0.02),
+    ("smt", "warmup_steps"): ("window_steps", 3),
+    ("smt", "block_ratio"): ("density", 0.5),
+    ("rosa", "grad_collection_steps"): ("window_steps", 3),
+}
+
+
+@pytest.mark.parametrize(("method", "old"), sorted(RENAMED))
+def test_configs_saved_with_earlier_field_names_still_load(tmp_path, method, old):
+    """An adapter_config.json written by the previous release (the earlier field name) loads into the renamed field,
+    with a FutureWarning; the earlier name reads back too, and giving both names is an error."""
+    import json
+
+    from peft import PeftConfig
+
+    new, value = RENAMED[(method, old)]
+    config_cls = sparse_peft.METHODS[method][0]
+    config_cls(**{new: value}).save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    saved[old] = saved.pop(new)  # the file as the previous release wrote it
+    path.write_text(json.dumps(saved))
+    with pytest.warns(FutureWarning, match=rf"{config_cls.__name__}.{old} is now {config_cls.__name__}.{new}"):
+        loaded = PeftConfig.from_pretrained(str(tmp_path))
+    assert type(loaded) is config_cls and getattr(loaded, new) == value
+    with pytest.warns(FutureWarning):
+        assert getattr(loaded, old) == value
+    with pytest.raises(ValueError, match=f"earlier name {old}="):
+        config_cls(**{new: value, old: value})
+
+
+def test_adapter_saved_with_earlier_field_names_reloads(tmp_path):
+    import json
+
+    from peft import PeftModel
+
+    model = get_peft_model(tiny_llama(), LiftConfig(r=2, filter_rank=4, init_weights=False)).eval()
+    model.save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    saved["rank"] = saved.pop("r")
+    path.write_text(json.dumps(saved))
+    with pytest.warns(FutureWarning, match="LiftConfig.rank is now LiftConfig.r"):
+        loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(INPUT).logits, model(INPUT).logits)
+
+
+def test_earlier_class_name_still_imports():
+    with pytest.warns(FutureWarning, match="S2FTConfig is now sparse_peft.S2ftConfig"):
+        from sparse_peft import S2FTConfig
+    assert S2FTConfig is sparse_peft.S2ftConfig

@@ -16,7 +16,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_base_trains_and_refreshes(base_dir, bits):
-    model = get_peft_model(quantized_base(base_dir, bits), LiftConfig(rank=2, filter_rank=4, update_interval=1))
+    model = get_peft_model(quantized_base(base_dir, bits), LiftConfig(r=2, filter_rank=4, update_interval=1))
     layer = next(m for m in model.modules() if isinstance(m, LiftLinear))
     expected_backend = "Bnb4bitBackend" if bits == 4 else "Bnb8bitBackend"
     assert type(layer.quantization_backend).__name__ == expected_backend
@@ -36,7 +36,7 @@ def test_quantized_base_trains_and_refreshes(base_dir, bits):
 
 
 def test_merge_into_quantized_base_warns(base_dir):
-    model = get_peft_model(quantized_base(base_dir, 4), LiftConfig(rank=2, filter_rank=4, init_weights=False))
+    model = get_peft_model(quantized_base(base_dir, 4), LiftConfig(r=2, filter_rank=4, init_weights=False))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.merge_adapter()

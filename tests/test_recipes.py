@@ -50,7 +50,7 @@ def _run(kind: str, method: str, model_dir, out, *extra: str) -> dict:
 
 
 def test_sft_command(tiny_chat_dir, tmp_path):
-    summary = _run("sft", "lift", tiny_chat_dir, tmp_path / "sft", "--method_config", '{"rank": 2, "filter_rank": 4}')
+    summary = _run("sft", "lift", tiny_chat_dir, tmp_path / "sft", "--method_config", '{"r": 2, "filter_rank": 4}')
     assert summary["steps"] == 2 and (tmp_path / "sft" / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -74,7 +74,7 @@ def test_rosa_recipe_trains_sparse_values_at_their_own_rate(tiny_chat_dir, tmp_p
     """The SFT recipe's ``sparse_learning_rate``: at 0 RoSA's values stay zero while its LoRA factors move."""
     from safetensors.torch import load_file
 
-    fields = '{"r": 2, "density": 0.05, "schedule": "default", "grad_collection_steps": 1}'
+    fields = '{"r": 2, "density": 0.05, "schedule": "default", "window_steps": 1}'
     _run("sft", "rosa", tiny_chat_dir, tmp_path / "sft", "--method_config", fields, "--sparse_learning_rate", "0")
     tensors = load_file(tmp_path / "sft" / "adapter" / "adapter_model.safetensors")
     assert all(not t.any() for k, t in tensors.items() if k.endswith("values"))

@@ -222,15 +222,15 @@ def test_masks_saved_and_loaded_reproduce_training(tmp_path):
 
 def test_open_collection_window_resumes_exactly(tmp_path):
     """G=2: statistics saved after the first collection step (the checkpoint's side file) give the same mask."""
-    model, optimizer = make(schedule="default", grad_collection_steps=2)
+    model, optimizer = make(schedule="default", window_steps=2)
     train(model, optimizer, 2)
     expected = [layer.indices["default"].clone() for layer in rosa_layers(model)]
 
-    model, optimizer = make(schedule="default", grad_collection_steps=2)
+    model, optimizer = make(schedule="default", window_steps=2)
     train(model, optimizer, 1)
     path = str(tmp_path / STATE_FILE)
     assert save_window_state(model, path)  # what a checkpoint holds: adapter, optimizer, window side file
-    resumed, resumed_optimizer = make(schedule="default", grad_collection_steps=2)
+    resumed, resumed_optimizer = make(schedule="default", window_steps=2)
     set_peft_model_state_dict(resumed, get_peft_model_state_dict(model))
     resumed_optimizer.load_state_dict(optimizer.state_dict())
     load_window_state(resumed, path)
@@ -335,7 +335,7 @@ def test_quantized_4bit_base_trains(base_dir):
         ({"r": 0, "density": 0.0}, "trains nothing"),
         ({"schedule": "lora_only"}, "set density=0"),
         ({"schedule": "spa_only"}, "set r=0"),
-        ({"grad_collection_steps": 0}, "grad_collection_steps must be a positive integer"),
+        ({"window_steps": 0}, "window_steps must be a positive integer"),
         ({"density_pattern": {"q_proj": -0.1}}, "density_pattern"),
     ],
 )
@@ -354,7 +354,7 @@ def test_sft_trainer_with_param_groups_and_resume_inside_the_collection_window(t
     texts = ["hello world, this is a tiny test.", "sparse adapters are fun!", "one two three four five", "abc def"]
 
     def run(out, resume=None):
-        model = get_peft_model(tiny_llama(), RosaConfig(r=2, density=0.05, schedule="wl1", grad_collection_steps=2))
+        model = get_peft_model(tiny_llama(), RosaConfig(r=2, density=0.05, schedule="wl1", window_steps=2))
         optimizer = torch.optim.AdamW(rosa_param_groups(model, lr=2e-2, sparse_lr=1e-2))
         args = SFTConfig(
             output_dir=str(out),

@@ -9,7 +9,7 @@ import torch
 from conftest import INPUT, tiny_llama
 from peft import PeftModel, get_peft_model
 
-from sparse_peft import S2FTConfig, S2FTLinear, calibrate_s2ft
+from sparse_peft import S2ftConfig, S2FTLinear, calibrate_s2ft
 from sparse_peft.sparse.slices import col_slice_matmul, row_slice_matmul
 
 HEAD_DIM, GROUP = 16, 2  # tiny_llama: hidden 64, 4 query heads, 2 KV heads
@@ -26,7 +26,7 @@ def by_role(model, role):
 def make(**kw):
     config = dict(v_ratio=0.5, o_ratio=0.5, up_ratio=0.05, down_ratio=0.05, seed=3)
     config.update(kw)
-    return get_peft_model(tiny_llama(), S2FTConfig(**config))
+    return get_peft_model(tiny_llama(), S2ftConfig(**config))
 
 
 def train(model, steps=3, lr=1e-2):
@@ -221,7 +221,7 @@ def test_activation_calibration_and_uncalibrated_warning():
 def test_save_reload_merge_round_trip(base_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), S2FTConfig(v_ratio=0.5, o_ratio=0.5, seed=7))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), S2ftConfig(v_ratio=0.5, o_ratio=0.5, seed=7))
     train(model)
     expected = model(INPUT).logits.detach()
     model.save_pretrained(tmp_path)
@@ -240,7 +240,7 @@ def test_save_reload_merge_round_trip(base_dir, tmp_path):
 def test_switching_adapters_and_merged_pair_unmerges_exactly():
     model = make(init_weights=False)
     out_default = model(INPUT).logits.detach()
-    model.add_adapter("other", S2FTConfig(v_ratio=0.5, o_ratio=0.5, init_weights=False, seed=9))
+    model.add_adapter("other", S2ftConfig(v_ratio=0.5, o_ratio=0.5, init_weights=False, seed=9))
     layer = by_role(model, "o")[0]
     assert not layer.delta["other"].requires_grad
     model.set_adapter("other")
@@ -263,7 +263,7 @@ def test_switching_adapters_and_merged_pair_unmerges_exactly():
 def test_quantized_4bit_base_trains(base_dir):
     from conftest import quantized_base
 
-    model = get_peft_model(quantized_base(base_dir, 4), S2FTConfig(v_ratio=0.5, o_ratio=0.5, selection="weight"))
+    model = get_peft_model(quantized_base(base_dir, 4), S2ftConfig(v_ratio=0.5, o_ratio=0.5, selection="weight"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     losses = []
@@ -280,19 +280,19 @@ def test_quantized_4bit_base_trains(base_dir):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"v_ratio": 0.0}, r"S2FTConfig.v_ratio must be in \(0, 1\]"),
-        ({"down_ratio": 2.0}, r"S2FTConfig.down_ratio must be in \(0, 1\]"),
-        ({"selection": "fisher"}, "S2FTConfig.selection"),
+        ({"v_ratio": 0.0}, r"S2ftConfig.v_ratio must be in \(0, 1\]"),
+        ({"down_ratio": 2.0}, r"S2ftConfig.down_ratio must be in \(0, 1\]"),
+        ({"selection": "fisher"}, "S2ftConfig.selection"),
         ({"module_roles": {"v_proj": "value"}}, "unknown roles"),
     ],
 )
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        S2FTConfig(**kwargs)
+        S2ftConfig(**kwargs)
 
 
 def test_module_without_role_or_wrong_shape_is_named():
     with pytest.raises(ValueError, match="no role for 'model.layers.0.self_attn.q_proj'"):
-        get_peft_model(tiny_llama(), S2FTConfig(target_modules=["q_proj"]))
+        get_peft_model(tiny_llama(), S2ftConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="does not match role 'v'"):
-        get_peft_model(tiny_llama(), S2FTConfig(target_modules=["q_proj"], module_roles={"q_proj": "v"}))
+        get_peft_model(tiny_llama(), S2ftConfig(target_modules=["q_proj"], module_roles={"q_proj": "v"}))

@@ -34,7 +34,7 @@ def run(model, steps, lr=1e-2, start=1, optimizer=None):
 
 
 def make(**kw):
-    config = dict(block_size=24, num_blocks=5, warmup_steps=2, seed=1)
+    config = dict(block_size=24, num_blocks=5, window_steps=2, seed=1)
     config.update(kw)
     return get_peft_model(tiny_llama(), SmtConfig(**config))
 
@@ -195,7 +195,7 @@ def test_save_reload_round_trip(base_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base_dir), SmtConfig(block_size=24, num_blocks=5, warmup_steps=2)
+        AutoModelForCausalLM.from_pretrained(base_dir), SmtConfig(block_size=24, num_blocks=5, window_steps=2)
     )
     run(model, steps=4)
     expected = model(INPUT).logits.detach()
@@ -214,7 +214,7 @@ def test_multiple_adapters_set_and_delete():
     model = make(init_weights=False)
     run(model, steps=2, lr=0.0)
     out_default = model(INPUT).logits.detach()
-    model.add_adapter("other", SmtConfig(block_size=32, num_blocks=2, warmup_steps=1, init_weights=False))
+    model.add_adapter("other", SmtConfig(block_size=32, num_blocks=2, window_steps=1, init_weights=False))
     layer = smt_layers(model)[0]
     assert not layer.blocks["other"].requires_grad and layer.blocks["other"].shape[-1] == 32
     model.set_adapter("other")
@@ -228,11 +228,11 @@ def test_multiple_adapters_set_and_delete():
 
 
 def test_warmup_statistics_survive_export_and_import():
-    model = make(warmup_steps=3)
+    model = make(window_steps=3)
     run(model, steps=2)
     saved = {l.module_name: l.export_state("default") for l in smt_layers(model)}
     assert all(set(tensors) == {"gradient", "batches"} for tensors in saved.values())
-    resumed = make(warmup_steps=3)
+    resumed = make(window_steps=3)
     for layer in smt_layers(resumed):
         layer.import_state("default", saved[layer.module_name])
     run(model, steps=1, start=3)
@@ -244,7 +244,7 @@ def test_warmup_statistics_survive_export_and_import():
 def test_quantized_4bit_base_trains(base_dir):
     from conftest import quantized_base
 
-    model = get_peft_model(quantized_base(base_dir, 4), SmtConfig(block_size=16, num_blocks=4, warmup_steps=1))
+    model = get_peft_model(quantized_base(base_dir, 4), SmtConfig(block_size=16, num_blocks=4, window_steps=1))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     losses = []
@@ -266,11 +266,11 @@ def test_quantized_4bit_base_trains(base_dir):
     [
         ({"block_size": 0}, "SmtConfig.block_size must be a positive integer"),
         ({"num_blocks": -1}, "SmtConfig.num_blocks must be a positive integer"),
-        ({"num_blocks": None, "block_ratio": None}, "needs num_blocks or block_ratio"),
-        ({"block_ratio": 1.5}, r"SmtConfig.block_ratio must be in \(0, 1\]"),
+        ({"num_blocks": None, "density": None}, "needs num_blocks or density"),
+        ({"density": 1.5}, r"SmtConfig.density must be in \(0, 1\]"),
         ({"selection": "heap"}, "SmtConfig.selection"),
         ({"block_score": "mean"}, "SmtConfig.block_score"),
-        ({"warmup_steps": 0}, "SmtConfig.warmup_steps"),
+        ({"window_steps": 0}, "SmtConfig.window_steps"),
     ],
 )
 def test_config_errors(kwargs, match):
@@ -316,7 +316,7 @@ def test_calibration_selects_exactly_the_budget_without_a_per_matrix_cap():
 
 def test_first_adam_step_of_a_block_after_the_warmup_is_a_fresh_adam_step():
     lr = 1e-2
-    model = make(warmup_steps=2)
+    model = make(window_steps=2)
     optimizer, _ = run(model, steps=2, lr=lr)  # the warm-up, then the selection after step 2
     before = {id(l): l.blocks["default"].detach().clone() for l in smt_layers(model)}
     optimizer, _ = run(model, steps=1, start=3, optimizer=optimizer)

@@ -37,7 +37,7 @@ def run(model, optimizer, steps, total=0, start=1):
 
 
 def make(**kw):
-    config = dict(density=0.1, reselection_steps=4, selection_accumulation_steps=2, initial_reselection_rate=0.5)
+    config = dict(density=0.1, reselection_steps=4, window_steps=2, initial_reselection_rate=0.5)
     config.update(kw)
     model = get_peft_model(tiny_llama(), SpielConfig(**config))
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -49,14 +49,14 @@ def test_budget_and_random_initial_mask():
         idx = layer.indices["default"]
         assert idx.numel() == round(0.1 * layer.in_features * layer.out_features)
         assert idx.unique().numel() == idx.numel()
-    model, _ = make(rank=2, density=None)
+    model, _ = make(r=2, density=None)
     layer = spiel_layers(model)[0]
     assert layer.values["default"].numel() == 2 * (layer.in_features + layer.out_features)
 
 
 def test_first_selection_is_brute_force_top_k_of_accumulated_gradient():
     """With S = 1 the candidates and scores come from one step's gradient: the new mask is its top-k."""
-    model, optimizer = make(selection_accumulation_steps=1)
+    model, optimizer = make(window_steps=1)
     layer = spiel_layers(model)[0]
     # dense reference gradient of this layer's weight on the same batch
     captured = {}
@@ -144,7 +144,7 @@ def test_plan_drop_and_grow_rules():
 def test_sm3_trains_scores_without_dense_gradient_and_regrows():
     model = get_peft_model(
         tiny_llama(),
-        SpielConfig(density=0.1, selection_algorithm="sm3", reselection_steps=3, selection_accumulation_steps=1),
+        SpielConfig(density=0.1, selection_algorithm="sm3", reselection_steps=3, window_steps=1),
     )
     optimizer = SparseSM3(model, lr=1e-2)
     layer = spiel_layers(model)[0]
@@ -161,7 +161,7 @@ def test_sm3_trains_scores_without_dense_gradient_and_regrows():
 
 
 def test_sm3_requires_its_optimizer():
-    model, optimizer = make(selection_algorithm="sm3", selection_accumulation_steps=1)
+    model, optimizer = make(selection_algorithm="sm3", window_steps=1)
     with pytest.raises(TypeError, match="SparseSM3"):
         run(model, optimizer, 1, total=100)
 
@@ -182,9 +182,9 @@ def test_save_reload_after_regrowth(tmp_path):
     "kwargs, match",
     [
         ({"density": 0.0}, r"density must be in \(0, 1\]"),
-        ({"reselection_steps": 5, "selection_accumulation_steps": 5}, "must be smaller than"),
+        ({"reselection_steps": 5, "window_steps": 5}, "must be smaller than"),
         ({"selection_algorithm": "magic"}, "selection_algorithm"),
-        ({"density": None}, "needs density or rank"),
+        ({"density": None}, "needs density or r "),
         ({"initial_selection": "magnitude"}, "initial_selection must be one of 'window', 'calibration'"),
     ],
 )

@@ -53,7 +53,7 @@ def test_sft_with_activation_checkpointing(base_dir, tmp_path):
 
 
 def _spiel():
-    return SpielConfig(density=0.1, reselection_steps=3, selection_accumulation_steps=2, initial_reselection_rate=0.5)
+    return SpielConfig(density=0.1, reselection_steps=3, window_steps=2, initial_reselection_rate=0.5)
 
 
 def test_spiel_resume_mid_window_equals_uninterrupted_run(base_dir, tmp_path):

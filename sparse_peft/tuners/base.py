@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
@@ -17,6 +19,60 @@ from peft.utils import PeftType, resolve_quantization_backend
 from torch import nn
 
 from .._version import __version__
+
+#: The project's vocabulary, one name per idea across methods: ``r`` (a LoRA-equivalent rank), ``density`` (the
+#: fraction of each matrix that trains), ``window_steps`` (optimizer steps of gradient statistics before a selection),
+#: ``seed``. :func:`renamed_fields` keeps the earlier names working.
+VOCABULARY = ("r", "density", "window_steps", "seed")
+
+
+def renamed_fields(**renames: str) -> Callable[[type], type]:
+    """Class decorator (above ``@dataclass``): the config still takes each field's earlier name, with a
+    ``FutureWarning``, as a keyword (so ``adapter_config.json`` files saved by earlier releases keep loading) and as a
+    read-only attribute. ``renames``: ``earlier name -> field name``."""
+
+    def wrap(cls: type) -> type:
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise ValueError(f"{cls.__name__} got {new}= and its earlier name {old}=; pass {new}= only")
+                    _warn_renamed(cls.__name__, old, new)
+                    kwargs[new] = kwargs.pop(old)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+        cls.renamed = {**getattr(cls, "renamed", {}), **renames}
+        for old, new in renames.items():
+            reader = functools.partial(_read_renamed, old=old, new=new)
+            setattr(cls, old, property(reader, doc=f"Earlier name of {new}."))
+        return cls
+
+    return wrap
+
+
+def current_field_names(config_cls: type, fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with earlier field names of ``config_cls`` replaced by the current ones (with the warning), e.g.
+    before merging a user's fields over defaults that use the current names."""
+    renames = getattr(config_cls, "renamed", {})
+    result = {}
+    for key, value in fields.items():
+        if key in renames:
+            _warn_renamed(config_cls.__name__, key, renames[key])
+        result[renames.get(key, key)] = value
+    return result
+
+
+def _read_renamed(config: Any, old: str, new: str) -> Any:
+    _warn_renamed(type(config).__name__, old, new)
+    return getattr(config, new)
+
+
+def _warn_renamed(owner: str, old: str, new: str) -> None:
+    warnings.warn(f"{owner}.{old} is now {owner}.{new}; the old name will be removed", FutureWarning, stacklevel=4)
 
 
 @dataclass

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
 
-from ..base import SparseConfig
+from ..base import SparseConfig, renamed_fields
 
 
+@renamed_fields(target_density="density")
 @dataclass
 class DiffPruningConfig(SparseConfig):
     """Diff pruning (Guo, Rush and Kim, ACL 2021, "Parameter-Efficient Transfer Learning with Diff Pruning").
@@ -19,12 +20,12 @@ class DiffPruningConfig(SparseConfig):
        gate_right)``), optionally times one gate per matrix (``structured``). The expected-L0 penalty
        ``l0_lambda · Σ P(z ≠ 0)`` is added to the gradient of ``log α`` once per optimizer step.
     2. **Projection** (after optimizer step ``projection_step``): one global magnitude threshold on the deterministic
-       gated diff keeps exactly ``round(target_density · N)`` entries, ``N`` = all entries of all targeted matrices.
+       gated diff keeps exactly ``round(density · N)`` entries, ``N`` = all entries of all targeted matrices.
     3. **Fixed-mask fine-tuning**: the survivors become a sparse delta (values + indices); ``w`` and ``log α`` are
        dropped from the model and the optimizer.
 
     Args:
-        target_density: fraction of all targeted weights kept by the projection (0.005 in the paper).
+        density: fraction of all targeted weights kept by the projection (0.005 in the paper).
         projection_step: project after this optimizer step; ``None`` = only when called
             (``DiffPruningModel.project``).
         l0_lambda: weight ``λ`` of the expected-L0 penalty (1.25e-7 in the paper; 0 disables it).
@@ -44,12 +45,12 @@ class DiffPruningConfig(SparseConfig):
     """
 
     method: ClassVar[str] = "diff_pruning"
-    fractions: ClassVar[tuple[str, ...]] = ("target_density",)
+    fractions: ClassVar[tuple[str, ...]] = ("density",)
     positive_ints: ClassVar[tuple[str, ...]] = ("projection_step",)
     positive_numbers: ClassVar[tuple[str, ...]] = ("gate_temperature", "gate_lr")
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {"finetune_init": ("gated", "raw")}
 
-    target_density: float = field(default=0.005, metadata={"help": "Fraction of all targeted weights kept."})
+    density: float = field(default=0.005, metadata={"help": "Fraction of all targeted weights kept."})
     projection_step: Optional[int] = field(
         default=None, metadata={"help": "Project to the sparse delta after this optimizer step (None: manual)."}
     )

@@ -291,7 +291,7 @@ class DiffPruningGroup:
 
     @torch.no_grad()
     def project(self, adapter_name: str, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
-        """Stage 2: keep the ``round(target_density·N)`` largest ``|z̄ ⊙ w|`` over all layers still in stage 1,
+        """Stage 2: keep the ``round(density·N)`` largest ``|z̄ ⊙ w|`` over all layers still in stage 1,
         switch every layer to stage 3 and update ``optimizer``; returns the number of kept entries.
 
         The gated diffs are DDP-synchronised parameters and the threshold is a deterministic function of them, so
@@ -305,7 +305,7 @@ class DiffPruningGroup:
         magnitudes = torch.cat(
             [layer.gated_diff(adapter_name).abs().float().reshape(-1).to(device) for layer in layers]
         )
-        k = min(max(1, round(config.target_density * magnitudes.numel())), magnitudes.numel())
+        k = min(max(1, round(config.density * magnitudes.numel())), magnitudes.numel())
         keep = global_magnitude_mask(magnitudes, k)
         del magnitudes
         start = 0

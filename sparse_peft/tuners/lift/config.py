@@ -5,22 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
 
-from ..base import SparseConfig
+from ..base import SparseConfig, renamed_fields
 
 
+@renamed_fields(rank="r")
 @dataclass
 class LiftConfig(SparseConfig):
     """LIFT (Liu et al., ICML 2025, "LIFT the Veil for the Truth: Principal Weights Emerge after Rank Reduction").
 
     For each target matrix ``W`` (``m x n``) LIFT trains the ``k`` entries with the largest ``|W'|``, where ``W'`` is
-    the rank-``filter_rank`` SVD approximation of ``W``. The budget is ``k = (m + n)·rank`` (the parameter count of a
-    rank-``rank`` LoRA on that matrix) unless ``density`` gives ``k = round(density·m·n)`` instead. Every
+    the rank-``filter_rank`` SVD approximation of ``W``. The budget is ``k = (m + n)·r`` (the parameter count of a
+    rank-``r`` LoRA on that matrix) unless ``density`` gives ``k = round(density·m·n)`` instead. Every
     ``update_interval`` optimizer steps the mask is recomputed from the current weights (base + learned delta) by
     :class:`sparse_peft.SparsePeftCallback`; entries that leave the mask keep what they learned.
 
     Args:
-        rank: LoRA-equivalent budget per matrix, ``k = (m+n)·rank``.
-        density: fraction of each matrix to train; overrides ``rank`` when set.
+        r: LoRA-equivalent budget per matrix, ``k = (m+n)·r`` (earlier name: ``rank``).
+        density: fraction of each matrix to train; overrides ``r`` when set.
         filter_rank: rank of the SVD approximation whose magnitudes rank the entries.
         svd: ``"exact"`` (float32 ``torch.linalg.svd``) or ``"randomized"`` (``torch.svd_lowrank`` with
             ``q = 2·filter_rank`` and ``svd_niter`` power iterations; faster on large matrices, but see ``refresh_svd``
@@ -36,15 +37,15 @@ class LiftConfig(SparseConfig):
     """
 
     method: ClassVar[str] = "lift"
-    positive_ints: ClassVar[tuple[str, ...]] = ("rank", "filter_rank", "svd_niter", "refresh_niter")
+    positive_ints: ClassVar[tuple[str, ...]] = ("r", "filter_rank", "svd_niter", "refresh_niter")
     fractions: ClassVar[tuple[str, ...]] = ("density",)
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {
         "svd": ("exact", "randomized"),
         "refresh_svd": ("warm", "exact", "randomized"),
     }
 
-    rank: int = field(default=16, metadata={"help": "LoRA-equivalent budget: k = (m + n) * rank per matrix."})
-    density: Optional[float] = field(default=None, metadata={"help": "Fraction of each matrix; overrides rank."})
+    r: int = field(default=16, metadata={"help": "LoRA-equivalent budget: k = (m + n) * r per matrix."})
+    density: Optional[float] = field(default=None, metadata={"help": "Fraction of each matrix; overrides r."})
     filter_rank: int = field(default=32, metadata={"help": "Rank of the SVD approximation that ranks entries."})
     svd: Literal["exact", "randomized"] = field(default="exact", metadata={"help": "'exact' or 'randomized'."})
     svd_niter: int = field(default=2, metadata={"help": "Power iterations of the randomized SVD."})

@@ -44,7 +44,7 @@ class LiftLinear(SparseDeltaLinear):
     def budget(self, config: LiftConfig) -> int:
         if config.density is not None:
             return max(1, round(config.density * self.numel))
-        return min((self.out_features + self.in_features) * config.rank, self.numel)
+        return min((self.out_features + self.in_features) * config.r, self.numel)
 
     def update_layer(self, adapter_name: str, config: LiftConfig, **kwargs) -> None:
         max_rank = min(self.shape)

@@ -8,12 +8,13 @@ from typing import ClassVar, Literal, Optional
 
 from peft.utils.other import get_pattern_key
 
-from ..base import SparseConfig
+from ..base import SparseConfig, renamed_fields
 
 MASK_SCORES = ("mean_squared", "mean", "magnitude", "random")
 _WARMUP = re.compile(r"wl(\d+)")
 
 
+@renamed_fields(grad_collection_steps="window_steps")
 @dataclass
 class RosaConfig(SparseConfig):
     """RoSA (Nikdan et al., ICML 2024, "RoSA: Accurate Parameter-Efficient Fine-Tuning via Robust Adaptation").
@@ -24,7 +25,7 @@ class RosaConfig(SparseConfig):
     :class:`sparse_peft.SparsePeftCallback` (or ``begin_step`` / ``before_optimizer_step`` / ``refresh_masks`` in a
     custom loop) from gradient statistics of ``W``, or read from a file written by :func:`sparse_peft.save_rosa_masks`.
 
-    Schedules (``t`` = optimizer step, 1-based; ``G`` = ``grad_collection_steps``):
+    Schedules (``t`` = optimizer step, 1-based; ``G`` = ``window_steps``):
 
     * ``"wl{N}"`` (e.g. ``"wl64"``): LoRA only for ``t ≤ N``; LoRA while collecting statistics for ``N < t ≤ N+G``;
       the mask is selected after step ``N+G``; LoRA + sparse after that.
@@ -46,7 +47,7 @@ class RosaConfig(SparseConfig):
         schedule: ``"default"``, ``"wl{N}"``, ``"spa_only"`` or ``"lora_only"``.
         mask_score: ``"mean_squared"`` (mean of squared per-micro-batch gradients, an empirical diagonal Fisher),
             ``"mean"`` (``|mean gradient|``), ``"magnitude"`` (``|W|``) or ``"random"`` (seeded).
-        grad_collection_steps: ``G``, optimizer steps of gradient collection; every micro-batch is one sample.
+        window_steps: ``G``, optimizer steps of gradient collection; every micro-batch is one sample.
         mask_path: safetensors file of masks saved by :func:`sparse_peft.save_rosa_masks`; no collection.
         stats_device: where the collection-phase accumulators live (``None``: the layer's device; ``"cpu"`` keeps
             accelerator memory free at the cost of a transfer per micro-batch).
@@ -66,7 +67,7 @@ class RosaConfig(SparseConfig):
     mask_score: Literal["mean_squared", "mean", "magnitude", "random"] = field(
         default="mean_squared", metadata={"help": "How entries are ranked for the mask."}
     )
-    grad_collection_steps: int = field(default=1, metadata={"help": "G: optimizer steps of gradient statistics."})
+    window_steps: int = field(default=1, metadata={"help": "G: optimizer steps of gradient statistics."})
     mask_path: Optional[str] = field(default=None, metadata={"help": "Masks saved by save_rosa_masks; no collection."})
     stats_device: Optional[str] = field(default=None, metadata={"help": "Device of the collection accumulators."})
 
@@ -82,7 +83,7 @@ class RosaConfig(SparseConfig):
         self._check_density(owner, "density", self.density)
         for pattern, value in self.density_pattern.items():
             self._check_density(owner, f"density_pattern[{pattern!r}]", value)
-        self._check_positive(owner, "grad_collection_steps", self.grad_collection_steps)
+        self._check_positive(owner, "window_steps", self.window_steps)
         if self.mask_score not in MASK_SCORES:
             raise ValueError(f"{owner}.mask_score must be one of {', '.join(MASK_SCORES)}; got {self.mask_score!r}")
         _ = self.warmup_steps  # validates the schedule string

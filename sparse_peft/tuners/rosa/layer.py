@@ -67,7 +67,7 @@ class RosaLinear(SparseDeltaLinear):
     backward hands this layer the micro-batch's output gradient ``g`` and input ``x``, and ``G = gᵀx`` is added to a
     float32 accumulator (for the Fisher score, each example's ``G_i²``: per-sample, not the batch's square). That
     dense ``out x in`` accumulator, and the transient ``G``, are the one dense cost of RoSA: they exist only during
-    the ``grad_collection_steps`` of the collection phase (one per layer, on ``stats_device``) and are freed when the
+    the ``window_steps`` of the collection phase (one per layer, on ``stats_device``) and are freed when the
     mask is chosen. Statistics are all-reduced over the schedule's process group at every step's end, so every DDP
     rank holds (and checkpoints) the same sums and picks the same mask.
 
@@ -251,13 +251,13 @@ class RosaLinear(SparseDeltaLinear):
             self.values[adapter_name].grad = None
 
     def on_step_end(self, adapter_name: str, step: int, optimizer: Any = None, context: Any = None) -> int:
-        """Fold this step's statistics into the window; after ``grad_collection_steps`` steps select the mask."""
+        """Fold this step's statistics into the window; after ``window_steps`` steps select the mask."""
         window = self._windows.get(adapter_name)
         if window is None or self._phase.get(adapter_name) != "collect":
             return 0
         self._commit(adapter_name, window, getattr(context, "group", None) or window.group)
         config: RosaConfig = self.adapter_configs[adapter_name]
-        if window.steps < config.grad_collection_steps:
+        if window.steps < config.window_steps:
             return 0
         if window.count == 0:
             raise RuntimeError(

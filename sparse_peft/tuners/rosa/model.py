@@ -30,7 +30,7 @@ def rosa_layers(model: nn.Module, adapter_name: str = "default") -> list[RosaLin
 def save_rosa_masks(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> int:
     """Write the final masks of ``adapter_name`` to the safetensors file ``path`` (atomic); returns the module count.
 
-    Phase one of the paper's recipe: train with ``schedule="wl{N}"`` for ``N + grad_collection_steps`` optimizer
+    Phase one of the paper's recipe: train with ``schedule="wl{N}"`` for ``N + window_steps`` optimizer
     steps (the masks are selected at the end of the last one), call this, and start fresh runs with
     ``RosaConfig(schedule="default", mask_path=path)``. Raises ``ValueError`` while a mask is not selected yet.
     """
@@ -44,7 +44,7 @@ def save_rosa_masks(model: nn.Module, path: str | os.PathLike, adapter_name: str
         if not layer.is_mask_ready(adapter_name):
             raise ValueError(
                 f"the RoSA mask of {layer.module_name} is not selected yet: train past the warm-up and "
-                f"grad_collection_steps (with SparsePeftCallback or refresh_masks) before saving masks"
+                f"window_steps (with SparsePeftCallback or refresh_masks) before saving masks"
             )
         masks[layer.module_name] = (layer.indices[adapter_name], layer.shape)
     write_masks(path, masks)

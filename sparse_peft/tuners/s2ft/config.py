@@ -12,7 +12,7 @@ STRATEGIES = ("random", "weight", "activation", "gradient")
 
 
 @dataclass
-class S2FTConfig(SparseConfig):
+class S2ftConfig(SparseConfig):
     """S²FT (Yang et al., NeurIPS 2024, "S²FT: Efficient, Scalable and Generalizable LLM Fine-tuning by Structured
     Sparsity").
 

@@ -14,7 +14,7 @@ from ...sparse.slices import col_slice_matmul, row_slice_matmul
 from ...sparse.stats import Window, calibrating
 from ..base import from_checkpoint
 from ..layer_base import AdapterStore, SparseLayerBase
-from .config import S2FTConfig
+from .config import S2ftConfig
 
 
 @dataclass(frozen=True)
@@ -42,19 +42,19 @@ class SliceSpec:
         return (units[:, None] * self.unit + torch.arange(self.unit)).reshape(-1)
 
 
-def slice_spec(role: str, shape: tuple[int, int], config: S2FTConfig, attention: Optional[AttentionShape], where: str):
+def slice_spec(role: str, shape: tuple[int, int], config: S2ftConfig, attention: Optional[AttentionShape], where: str):
     out_f, in_f = shape
     if role in ("v", "o"):
         if attention is None:
             raise ValueError(
-                f"S2FTConfig: {where} has the attention role {role!r}, but the model config gives no head layout "
+                f"S2ftConfig: {where} has the attention role {role!r}, but the model config gives no head layout "
                 f"(num_attention_heads); map it to 'up'/'down' in module_roles or leave it out of target_modules"
             )
         group = attention.num_heads // attention.num_kv_heads
         size, expected = (out_f, attention.num_kv_heads) if role == "v" else (in_f, attention.num_heads)
         if size != expected * attention.head_dim:
             raise ValueError(
-                f"S2FTConfig: {where} of shape {shape} does not match role {role!r} with {expected} heads of "
+                f"S2ftConfig: {where} of shape {shape} does not match role {role!r} with {expected} heads of "
                 f"head_dim {attention.head_dim}; fix module_roles"
             )
         if role == "v" or config.o_unit == "head":
@@ -97,7 +97,7 @@ class S2FTLinear(SparseLayerBase):
         self,
         base_layer: nn.Module,
         adapter_name: str,
-        config: S2FTConfig,
+        config: S2ftConfig,
         module_name: str = "",
         attention: Optional[AttentionShape] = None,
     ) -> None:
@@ -113,18 +113,18 @@ class S2FTLinear(SparseLayerBase):
     delta = AdapterStore("delta")
     index = AdapterStore("index")
 
-    def role(self, config: S2FTConfig) -> str:
+    def role(self, config: S2ftConfig) -> str:
         leaf = self.module_name.split(".")[-1]
         role = config.module_roles.get(leaf)
         if role is None:
             raise ValueError(
-                f"S2FTConfig.module_roles has no role for {self.module_name or leaf!r}; add {leaf!r} to module_roles "
+                f"S2ftConfig.module_roles has no role for {self.module_name or leaf!r}; add {leaf!r} to module_roles "
                 f"(one of 'v', 'o', 'up', 'down') or remove it from target_modules"
             )
         return role
 
     # ---- adapter lifecycle ---------------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, config: S2FTConfig, **kwargs: Any) -> None:
+    def update_layer(self, adapter_name: str, config: S2ftConfig, **kwargs: Any) -> None:
         spec = slice_spec(self.role(config), self.shape, config, self.attention, self.module_name or "a layer")
         self.adapter_configs[adapter_name] = config
         self.specs[adapter_name] = spec
@@ -145,7 +145,7 @@ class S2FTLinear(SparseLayerBase):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def _static_scores(self, config: S2FTConfig, spec: SliceSpec) -> torch.Tensor:
+    def _static_scores(self, config: S2ftConfig, spec: SliceSpec) -> torch.Tensor:
         """Unit scores available without data: seeded random, or the norm of each unit's weights."""
         if config.selection != "weight":
             generator = torch.Generator().manual_seed(self.module_seed(config.seed))
@@ -160,7 +160,7 @@ class S2FTLinear(SparseLayerBase):
             squares = squares.sum(dim=1) if spec.axis == "rows" else squares.sum(dim=0)
         return squares.view(spec.n_units, spec.unit).sum(dim=1).sqrt().cpu()
 
-    def _choose(self, config: S2FTConfig, spec: SliceSpec, scores: torch.Tensor) -> torch.Tensor:
+    def _choose(self, config: S2ftConfig, spec: SliceSpec, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.float() if config.select_largest else -scores.float()
         order = torch.randperm(spec.n_units, generator=torch.Generator().manual_seed(config.seed))
         ranked = order[torch.sort(scores[order], descending=True, stable=True).indices]
@@ -198,7 +198,7 @@ class S2FTLinear(SparseLayerBase):
         for name in self._active_in(self.delta):
             if name in self.uncalibrated and self.training and torch.is_grad_enabled() and not calibrating():
                 warnings.warn(
-                    f"S2FTConfig(selection={self.adapter_configs[name].selection!r}) on {self.module_name}: call "
+                    f"S2ftConfig(selection={self.adapter_configs[name].selection!r}) on {self.module_name}: call "
                     f"sparse_peft.calibrate(model, batches) before training (SparsePeftCallback does it on the first "
                     f"batches); training the random units",
                     UserWarning,

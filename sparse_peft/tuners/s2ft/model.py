@@ -13,7 +13,7 @@ from .layer import AttentionShape, S2FTLinear
 
 
 class S2FTModel(SparseTuner):
-    """Creates an S²FT model (``get_peft_model(model, S2FTConfig(...))``); default targets: ``v_proj``, ``o_proj``,
+    """Creates an S²FT model (``get_peft_model(model, S2ftConfig(...))``); default targets: ``v_proj``, ``o_proj``,
     ``up_proj``, ``down_proj``. The head layout (heads, KV heads, head_dim) is read from the model config."""
 
     prefix: str = S2FTLinear.prefix

@@ -5,24 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from ..base import SparseConfig
+from ..base import SparseConfig, renamed_fields
 
 SCORES = ("mean_abs", "abs_mean", "l1", "l2")
 
 
+@renamed_fields(warmup_steps="window_steps", block_ratio="density")
 @dataclass
 class SmtConfig(SparseConfig):
     """SMT (He et al., ICLR 2025, "Sparse Matrix Tuning"; arXiv 2405.15525).
 
     Each target matrix is cut into a grid of ``block_size`` x ``block_size`` blocks (edge blocks are smaller when the
-    size does not divide a dimension). During the first ``warmup_steps`` optimizer steps each target matrix's weight
+    size does not divide a dimension). During the first ``window_steps`` optimizer steps each target matrix's weight
     gradient is accumulated in float32 (``G = Σ_t ∂L/∂W``) while the model does not change; then every block is
     scored (``block_score``, default ``mean |G_blk|``) and the top blocks are selected once, either globally across
     all target matrices (``selection="global"``, the paper's default ``no_restriction``) or per matrix
     (``"per_matrix"``). Only the selected blocks train afterwards. The schedule runs through
     :class:`sparse_peft.SparsePeftCallback` (or :func:`sparse_peft.begin_step` / :func:`sparse_peft.refresh_masks`).
 
-    Budget: ``num_blocks`` (global: in total; per_matrix: per matrix), or ``block_ratio`` of all target blocks.
+    Budget: ``num_blocks`` (global: in total; per_matrix: per matrix), or ``density`` of all target blocks.
 
     Two ways to select, both from ``Σ ∂L/∂W`` of the frozen model:
 
@@ -31,7 +32,7 @@ class SmtConfig(SparseConfig):
       per-matrix cap (the paper's ``no_restriction``; ``max_blocks_per_matrix`` caps it only if set), and every
       matrix's storage is sized to its selected blocks, so the trainable count is exactly the budget and no step of
       the learning-rate schedule is spent without training.
-    * **In-training warm-up** (``warmup_steps`` optimizer steps through :class:`sparse_peft.SparsePeftCallback`):
+    * **In-training warm-up** (``window_steps`` optimizer steps through :class:`sparse_peft.SparsePeftCallback`):
       the optimizer already exists, so storage is allocated up front with a fixed shape, per matrix ``capacity``
       slots of ``(b, b)``: per matrix the per-matrix budget; globally ``max_blocks_per_matrix`` or, when None,
       ``⌈2·n/M⌉`` (twice the average over the ``M`` target matrices, raised until the capacities hold ``n``;
@@ -44,10 +45,10 @@ class SmtConfig(SparseConfig):
     """
 
     method: ClassVar[str] = "smt"
-    positive_ints: ClassVar[tuple[str, ...]] = ("block_size", "num_blocks", "max_blocks_per_matrix", "warmup_steps")
-    fractions: ClassVar[tuple[str, ...]] = ("block_ratio",)
+    positive_ints: ClassVar[tuple[str, ...]] = ("block_size", "num_blocks", "max_blocks_per_matrix", "window_steps")
+    fractions: ClassVar[tuple[str, ...]] = ("density",)
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {"selection": ("global", "per_matrix"), "block_score": SCORES}
-    needs_one_of: ClassVar[tuple[str, ...]] = ("num_blocks", "block_ratio")
+    needs_one_of: ClassVar[tuple[str, ...]] = ("num_blocks", "density")
 
     target_modules: Optional[Union[list[str], str]] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj"],
@@ -57,7 +58,7 @@ class SmtConfig(SparseConfig):
     num_blocks: Optional[int] = field(
         default=None, metadata={"help": "Blocks to train: in total (global) or per matrix (per_matrix)."}
     )
-    block_ratio: Optional[float] = field(
+    density: Optional[float] = field(
         default=0.05, metadata={"help": "Fraction of all target blocks to train when num_blocks is None."}
     )
     selection: Literal["global", "per_matrix"] = field(
@@ -69,7 +70,7 @@ class SmtConfig(SparseConfig):
     block_score: Literal["mean_abs", "abs_mean", "l1", "l2"] = field(
         default="mean_abs", metadata={"help": "Block score of the accumulated gradient G: mean|G|, |mean G|, L1, L2."}
     )
-    warmup_steps: int = field(
+    window_steps: int = field(
         default=100, metadata={"help": "Optimizer steps of gradient accumulation before the one-shot selection."}
     )
 

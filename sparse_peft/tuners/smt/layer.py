@@ -38,10 +38,10 @@ class SmtLinear(SparseLayerBase):
     ``(r_i, c_i)``; ``-1`` marks an unused slot, used slots come first in row-major order).
 
     Schedule (gradient-only warm-up, the default and only warm-up offered): during optimizer steps
-    ``1..warmup_steps`` a :class:`~sparse_peft.sparse.slices.GradientTap` on the output adds each micro-batch's
+    ``1..window_steps`` a :class:`~sparse_peft.sparse.slices.GradientTap` on the output adds each micro-batch's
     ``∂L/∂W = gᵀx`` to a float32 accumulator ``G`` (one dense ``(out, in)`` tensor per target matrix, as in the
     reference code, freed at selection); the base weight and the model's function do not change. After step
-    ``warmup_steps`` a :class:`BlockSelector` scores the blocks of every target matrix and picks the top blocks,
+    ``window_steps`` a :class:`BlockSelector` scores the blocks of every target matrix and picks the top blocks,
     globally or per matrix. The reference code instead runs real full fine-tuning for the warm-up (updating ``W``);
     that variant is not implemented here.
 
@@ -81,7 +81,7 @@ class SmtLinear(SparseLayerBase):
     def matrix_budget(self, config: SmtConfig) -> int:
         """Per-matrix budget (``selection="per_matrix"``), capped by the grid."""
         total = math.prod(grid_shape(self.shape, config.block_size))
-        wanted = config.num_blocks if config.num_blocks is not None else max(1, round(config.block_ratio * total))
+        wanted = config.num_blocks if config.num_blocks is not None else max(1, round(config.density * total))
         return min(wanted, total)
 
     def update_layer(self, adapter_name: str, config: SmtConfig, **kwargs: Any) -> None:
@@ -131,7 +131,7 @@ class SmtLinear(SparseLayerBase):
     # ---- warm-up statistics and selection -------------------------------------------------------------------
     def on_step_begin(self, adapter_name: str, step: int, context: Any = None) -> None:
         config = self.adapter_configs[adapter_name]
-        if step <= config.warmup_steps and not self.selector(adapter_name).done():
+        if step <= config.window_steps and not self.selector(adapter_name).done():
             self._collecting.add(adapter_name)
             self._groups[adapter_name] = getattr(context, "group", None)
         else:
@@ -141,9 +141,9 @@ class SmtLinear(SparseLayerBase):
         """Nothing to do: block scores are scale-invariant, so clipping does not change the selection."""
 
     def on_step_end(self, adapter_name: str, step: int, optimizer: Any = None, context: Any = None) -> int:
-        """After step ``warmup_steps`` select the blocks (once, for all matrices); returns how many were chosen."""
+        """After step ``window_steps`` select the blocks (once, for all matrices); returns how many were chosen."""
         config = self.adapter_configs[adapter_name]
-        if step < config.warmup_steps or self.selector(adapter_name).done():
+        if step < config.window_steps or self.selector(adapter_name).done():
             return 0
         self._collecting.discard(adapter_name)
         return self.selector(adapter_name).select(getattr(context, "group", None), optimizer=optimizer)
@@ -214,7 +214,7 @@ class SmtLinear(SparseLayerBase):
         return result
 
     def _unselected_message(self, adapter_name: str) -> str:
-        steps = self.adapter_configs[adapter_name].warmup_steps
+        steps = self.adapter_configs[adapter_name].window_steps
         return (
             f"SMT adapter {adapter_name!r} has not selected its blocks yet, so there is nothing to train. Either call "
             f"sparse_peft.calibrate(model, batches) before building the optimizer (selection at exactly the "
@@ -303,7 +303,7 @@ class BlockSelector:
     def budget(self) -> int:
         config = self.layers[0].adapter_configs[self.adapter_name]
         total = sum(layer.grid_blocks(self.adapter_name) for layer in self.layers)
-        return config.num_blocks if config.num_blocks is not None else max(1, round(config.block_ratio * total))
+        return config.num_blocks if config.num_blocks is not None else max(1, round(config.density * total))
 
     @torch.no_grad()
     def select(self, group: Any = None, optimizer: Any = None, exact: bool = False) -> int:

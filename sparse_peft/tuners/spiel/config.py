@@ -6,16 +6,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
 
-from ..base import SparseConfig
+from ..base import SparseConfig, renamed_fields
 
 
+@renamed_fields(rank="r", selection_accumulation_steps="window_steps")
 @dataclass
 class SpielConfig(SparseConfig):
     """SpIEL (Ansell et al., 2024, "Scaling Sparse Fine-Tuning to Large Language Models").
 
-    Each target matrix keeps a fixed number ``k`` of trainable entries (``k = density·m·n``, or ``(m+n)·rank`` to
-    match a LoRA of that rank). Every ``reselection_steps`` (R) optimizer steps, after accumulating statistics over
-    ``selection_accumulation_steps`` (S) steps, the ``⌊k·p⌋`` entries whose deltas moved least are dropped and as
+    Each target matrix keeps a fixed number ``k`` of trainable entries (``k = density·m·n``, or ``(m+n)·r`` to
+    match a LoRA of rank ``r``). Every ``reselection_steps`` (R) optimizer steps, after accumulating statistics over
+    ``window_steps`` (S) steps, the ``⌊k·p⌋`` entries whose deltas moved least are dropped and as
     many are grown. The first selection (after step S) uses ``p = 1`` and replaces the random initial entries
     completely; after that ``p = ζ₀·(1 − t/T)`` (linear) or ``ζ₀·(1 + cos(πt/T))/2`` (cosine), ``ζ₀`` =
     ``initial_reselection_rate``, and no selection happens after ``T`` steps.
@@ -42,9 +43,9 @@ class SpielConfig(SparseConfig):
 
     method: ClassVar[str] = "spiel"
     positive_ints: ClassVar[tuple[str, ...]] = (
-        "rank",
+        "r",
         "reselection_steps",
-        "selection_accumulation_steps",
+        "window_steps",
         "total_steps",
     )
     fractions: ClassVar[tuple[str, ...]] = ("density", "initial_reselection_rate")
@@ -53,13 +54,13 @@ class SpielConfig(SparseConfig):
         "reselection_rate_policy": ("linear", "cosine"),
         "initial_selection": ("window", "calibration"),
     }
-    needs_one_of: ClassVar[tuple[str, ...]] = ("density", "rank")
+    needs_one_of: ClassVar[tuple[str, ...]] = ("density", "r")
 
     density: Optional[float] = field(default=0.01, metadata={"help": "Fraction of each matrix that is trainable."})
-    rank: Optional[int] = field(default=None, metadata={"help": "LoRA-matched budget k=(m+n)*rank; overrides density."})
+    r: Optional[int] = field(default=None, metadata={"help": "LoRA-matched budget k=(m+n)*r; overrides density."})
     selection_algorithm: Literal["rigl", "sm3"] = field(default="rigl", metadata={"help": "'rigl' (AG) or 'sm3' (MA)."})
     reselection_steps: int = field(default=20, metadata={"help": "R: optimizer steps between selections."})
-    selection_accumulation_steps: int = field(default=5, metadata={"help": "S: steps of statistics per selection."})
+    window_steps: int = field(default=5, metadata={"help": "S: steps of statistics per selection."})
     initial_reselection_rate: float = field(default=0.2, metadata={"help": "ζ₀: fraction replaced at the start."})
     reselection_rate_policy: Literal["linear", "cosine"] = field(default="linear", metadata={"help": "Decay of ζ."})
     total_steps: Optional[int] = field(
@@ -73,16 +74,16 @@ class SpielConfig(SparseConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
-        if self.selection_accumulation_steps >= self.reselection_steps:
+        if self.window_steps >= self.reselection_steps:
             raise ValueError(
-                f"{owner}.selection_accumulation_steps ({self.selection_accumulation_steps}) must be smaller than "
+                f"{owner}.window_steps ({self.window_steps}) must be smaller than "
                 f"reselection_steps ({self.reselection_steps})"
             )
 
     def reselection_rate(self, step: int, total_steps: int, calibrated: bool = False) -> float:
         """Fraction of slots replaced at a selection after ``step`` optimizer steps (1 at the first selection,
         unless the calibration pass chose the initial entries)."""
-        if step == self.selection_accumulation_steps and not calibrated:
+        if step == self.window_steps and not calibrated:
             return 1.0
         progress = min(step / total_steps, 1.0) if total_steps else 0.0
         if self.reselection_rate_policy == "cosine":

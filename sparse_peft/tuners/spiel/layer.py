@@ -58,7 +58,7 @@ class SpielLinear(SparseDeltaLinear):
 
     Forward: ``y = x Wᵀ + b + x ΔWᵀ``, ``ΔW = scatter(values, indices)``, ``k = |indices|`` fixed.
 
-    Schedule (``t`` = completed optimizer steps, R = ``reselection_steps``, S = ``selection_accumulation_steps``):
+    Schedule (``t`` = completed optimizer steps, R = ``reselection_steps``, S = ``window_steps``):
     statistics are collected during steps with ``(t−1) mod R < S`` and a selection runs after steps with
     ``t mod R = S`` and ``t ≤ T``.
 
@@ -127,7 +127,7 @@ class SpielLinear(SparseDeltaLinear):
                 f"SpielConfig(initial_selection='calibration') on {self.module_name}: adapter(s) {pending} were not "
                 f"calibrated; call sparse_peft.calibrate(model, batches) before training (SparsePeftCallback does it "
                 f"on the first batches). Falling back to the random start that step "
-                f"selection_accumulation_steps replaces",
+                f"window_steps replaces",
                 UserWarning,
                 stacklevel=2,
             )
@@ -136,8 +136,8 @@ class SpielLinear(SparseDeltaLinear):
 
     # ---- budget and initial mask -------------------------------------------------------------------------
     def budget(self, config: SpielConfig) -> int:
-        if config.rank is not None:
-            return min((self.out_features + self.in_features) * config.rank, self.numel)
+        if config.r is not None:
+            return min((self.out_features + self.in_features) * config.r, self.numel)
         return max(1, round(config.density * self.numel))
 
     def select(self, config: SpielConfig, adapter_name: str, k: int) -> torch.Tensor:
@@ -149,12 +149,10 @@ class SpielLinear(SparseDeltaLinear):
         return config.total_steps or getattr(context, "total_steps", 0) or 0
 
     def collecting(self, config: SpielConfig, step: int, total: int) -> bool:
-        return (step - 1) % config.reselection_steps < config.selection_accumulation_steps and (
-            not total or step <= total
-        )
+        return (step - 1) % config.reselection_steps < config.window_steps and (not total or step <= total)
 
     def selecting(self, config: SpielConfig, step: int, total: int) -> bool:
-        R, S = config.reselection_steps, config.selection_accumulation_steps
+        R, S = config.reselection_steps, config.window_steps
         return step >= S and step % R == S and (not total or step <= total)
 
     def on_step_begin(self, adapter_name: str, step: int, context: Any = None) -> None:
