@@ -5,10 +5,12 @@ Some methods train part of their parameters with other optimizer settings than t
 schedule, ``α`` at 0.1, constant), RoSA's sparse values at their own rate. A layer declares these through
 ``optimizer_settings()``, a list of ``(parameter, settings)`` with ``settings`` a flat mapping of optimizer group
 keys (``lr``, ``weight_decay``) and optionally :data:`CONSTANT_LR` (the group keeps this rate whatever the learning
-rate schedule does). :func:`param_groups` turns a model into groups, :func:`use_param_groups` gives a transformers /
-TRL trainer the optimizer it would build itself over them, and :func:`keep_constant_rates` (called by
-:class:`sparse_peft.SparsePeftCallback` and by :func:`sparse_peft.before_optimizer_step` when given the optimizer)
-undoes the schedule for the constant groups right before each optimizer step.
+rate schedule does) or :data:`OWN_DECAY` (the group follows a linear decay of its own, e.g. diff pruning's stage 3:
+the paper fine-tunes the projected entries in a run of their own). :func:`param_groups` turns a model into groups,
+:func:`use_param_groups` gives a transformers / TRL trainer the optimizer it would build itself over them, and
+:func:`keep_constant_rates` (called by :class:`sparse_peft.SparsePeftCallback` and by
+:func:`sparse_peft.before_optimizer_step` when given the optimizer) sets the rates of those groups right before each
+optimizer step. A group added after the trainer's scheduler was built (stage 3's) is outside the scheduler's reach.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from .sparse.regrow import unwrap_optimizer
 
 #: Group key: the group's learning rate stays at this value (the LR schedule is undone before every step).
 CONSTANT_LR = "sparse_peft_constant_lr"
+#: Group key ``(peak, steps)``: before the group's ``n``-th optimizer step its rate is ``peak·max(0, 1 − (n−1)/steps)``
+#: whatever the trainer's schedule does; ``n − 1`` is counted in the group (:data:`OWN_DECAY_DONE`), so it is saved
+#: and restored with the optimizer's state.
+OWN_DECAY = "sparse_peft_linear_decay"
+OWN_DECAY_DONE = "sparse_peft_linear_decay_done"
 #: Group key: what the group holds (for logs and for :func:`misplaced_parameters`).
 ROLE = "sparse_peft_role"
 
@@ -88,12 +95,18 @@ def use_param_groups(trainer: Any, groups: list[dict[str, Any]] | None = None) -
 
 
 def keep_constant_rates(optimizer: torch.optim.Optimizer | None) -> None:
-    """Set every group marked :data:`CONSTANT_LR` back to its constant rate (call right before ``step()``)."""
+    """Set every group marked :data:`CONSTANT_LR` back to its constant rate, and every group marked
+    :data:`OWN_DECAY` to its own schedule's rate for the coming step (call once, right before ``step()``)."""
     if optimizer is None:
         return
     for group in unwrap_optimizer(optimizer).param_groups:
         if CONSTANT_LR in group:
             group["lr"] = group[CONSTANT_LR]
+        elif OWN_DECAY in group:
+            peak, steps = group[OWN_DECAY]
+            done = group.get(OWN_DECAY_DONE, 0)
+            group["lr"] = peak * max(0.0, 1.0 - done / steps)
+            group[OWN_DECAY_DONE] = done + 1
 
 
 def misplaced_parameters(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[str]:

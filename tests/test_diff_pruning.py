@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from sparse_peft import (
     DiffPruningConfig,
     DiffPruningLinear,
+    ScheduleContext,
     SparsePeftCallback,
     before_optimizer_step,
     begin_step,
@@ -347,3 +348,33 @@ def test_trainer_without_the_gate_group_warns(tmp_path):
     )
     with pytest.warns(UserWarning, match=r"diff pruning gate logits .*use_param_groups\(trainer\)"):
         trainer.train()
+
+
+def _rates_after_projection(scale, steps=6, lr=1e-3):
+    """Rates the stage-3 values' group steps with in a 6-step loop under a linear decay (projection after step 2)."""
+    model = get_peft_model(tiny_llama(), config(projection_step=2, finetune_lr_scale=scale))
+    optimizer = torch.optim.AdamW(param_groups(model, lr=lr))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    context = ScheduleContext(total_steps=steps)
+    rates = []
+    model.train()
+    for step in range(1, steps + 1):
+        begin_step(model, step, context)
+        model(INPUT, labels=INPUT).loss.backward()
+        before_optimizer_step(model, context, optimizer)
+        values = [layer.values["default"] for layer in dp_layers(model) if "default" in layer.values]
+        if values:
+            rates.append(next(g["lr"] for g in optimizer.param_groups if any(p is values[0] for p in g["params"])))
+        optimizer.step()
+        optimizer.zero_grad()
+        refresh_masks(model, step, optimizer, context)
+        schedule.step()
+    return rates
+
+
+def test_stage3_trains_on_a_schedule_of_its_own():
+    """The paper fine-tunes the projected entries in a run of their own at 5x stage 1's rate: stage 3's group starts
+    at finetune_lr_scale x the diff's initial rate and decays linearly to 0 over the 4 steps left, whatever the
+    trainer's schedule does; with finetune_lr_scale=None it follows the trainer's decayed tail."""
+    assert _rates_after_projection(5.0) == pytest.approx([5e-3, 5e-3 * 0.75, 5e-3 * 0.5, 5e-3 * 0.25])
+    assert _rates_after_projection(None) == pytest.approx([1e-3 * (1 - t / 6) for t in range(2, 6)])

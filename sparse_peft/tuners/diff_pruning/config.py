@@ -38,6 +38,10 @@ class DiffPruningConfig(SparseConfig):
             :func:`sparse_peft.use_param_groups`; ``None`` trains them with ``w``'s settings (at ``w``'s rate the
             logits barely move from ``log_alpha_init``: ~0.02 in 50 steps, so the L0 penalty does nothing).
         structured: add one gate per matrix (the paper's structured diff pruning).
+        finetune_lr_scale: stage 3's values train in an optimizer group of their own, at ``finetune_lr_scale`` times
+            the rate stage 1's diff started from, decaying linearly to 0 over the remaining steps: the paper
+            fine-tunes the projected entries in a run of its own at 5x stage 1's rate (5e-5 after 1e-5). None: they
+            join the diff's group and the trainer's schedule goes on (its decayed tail).
         finetune_init: stage-3 start values: ``"gated"`` (``z̄·w``, the projected function itself) or ``"raw"``
             (``w``, as the reference code does).
         projected_counts: filled at projection: per module, how many entries survived. Saved so that loaders build
@@ -47,7 +51,7 @@ class DiffPruningConfig(SparseConfig):
     method: ClassVar[str] = "diff_pruning"
     fractions: ClassVar[tuple[str, ...]] = ("density",)
     positive_ints: ClassVar[tuple[str, ...]] = ("projection_step",)
-    positive_numbers: ClassVar[tuple[str, ...]] = ("gate_temperature", "gate_lr")
+    positive_numbers: ClassVar[tuple[str, ...]] = ("gate_temperature", "gate_lr", "finetune_lr_scale")
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {"finetune_init": ("gated", "raw")}
 
     density: float = field(default=0.005, metadata={"help": "Fraction of all targeted weights kept."})
@@ -63,6 +67,10 @@ class DiffPruningConfig(SparseConfig):
         default=0.1, metadata={"help": "Constant learning rate of the gate logits, no weight decay (None: as w)."}
     )
     structured: bool = field(default=False, metadata={"help": "One extra gate per matrix (structured variant)."})
+    finetune_lr_scale: Optional[float] = field(
+        default=5.0,
+        metadata={"help": "Stage 3's own rate: this times stage 1's, decaying to 0 (None: the trainer's schedule)."},
+    )
     finetune_init: Literal["gated", "raw"] = field(
         default="gated", metadata={"help": "Stage-3 start values: 'gated' (z̄·w) or 'raw' (w)."}
     )

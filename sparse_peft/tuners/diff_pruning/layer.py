@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -9,9 +10,10 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from ...groups import CONSTANT_LR, ROLE
+from ...groups import CONSTANT_LR, OWN_DECAY, OWN_DECAY_DONE, ROLE
 from ...sparse.delta import index_dtype
 from ...sparse.hard_concrete import deterministic_gate, expected_l0, sample_gate
+from ...sparse.regrow import unwrap_optimizer
 from ...sparse.swap import replace_parameters
 from ..layer_base import AdapterStore
 from ..sparse_delta import SparseDeltaLinear
@@ -192,7 +194,8 @@ class DiffPruningLinear(SparseDeltaLinear):
         """Project (stage 2) after optimizer step ``projection_step``; returns how many entries survived."""
         config: DiffPruningConfig = self.adapter_configs[adapter_name]
         if self.stage(adapter_name) == 1 and config.projection_step is not None and step >= config.projection_step:
-            return self.group().project(adapter_name, optimizer)
+            total = getattr(context, "total_steps", 0) or 0
+            return self.group().project(adapter_name, optimizer, remaining_steps=max(0, total - step))
         return 0
 
     # ---- stage 2 -> 3 ----------------------------------------------------------------------------------------
@@ -290,7 +293,9 @@ class DiffPruningGroup:
         self.layers = layers
 
     @torch.no_grad()
-    def project(self, adapter_name: str, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
+    def project(
+        self, adapter_name: str, optimizer: Optional[torch.optim.Optimizer] = None, remaining_steps: int = 0
+    ) -> int:
         """Stage 2: keep the ``round(density·N)`` largest ``|z̄ ⊙ w|`` over all layers still in stage 1,
         switch every layer to stage 3 and update ``optimizer``; returns the number of kept entries.
 
@@ -313,4 +318,38 @@ class DiffPruningGroup:
             part = keep[start : start + layer.numel]
             start += layer.numel
             layer.finish_projection(adapter_name, part.nonzero().flatten(), optimizer)
+        values = [layer.values[adapter_name] for layer in layers]
+        own_stage3_schedule(optimizer, values, config.finetune_lr_scale, remaining_steps)
         return k
+
+
+def own_stage3_schedule(
+    optimizer: Optional[torch.optim.Optimizer], values: list[torch.Tensor], scale: Optional[float], steps: int
+) -> None:
+    """Give stage 3 a schedule of its own: the optimizer group holding the new ``values`` (the diff's group) trains
+    at ``scale`` times the rate it started from (``initial_lr`` under a scheduler), decaying linearly to 0 over the
+    ``steps`` left (constant when the run's length is unknown), whatever the trainer's schedule does
+    (:func:`sparse_peft.groups.keep_constant_rates` sets it before every step). A group that also trains other
+    parameters keeps the trainer's schedule, with a warning: give those parameters groups of their own
+    (:func:`sparse_peft.param_groups`)."""
+    if optimizer is None or scale is None:
+        return
+    ids = {id(v) for v in values}
+    for group in unwrap_optimizer(optimizer).param_groups:
+        held = [p for p in group["params"] if id(p) in ids]
+        if not held:
+            continue
+        if len(held) != len(group["params"]):
+            warnings.warn(
+                f"diff pruning stage 3 keeps the trainer's learning-rate schedule: its values share an optimizer "
+                f"group with {len(group['params']) - len(held)} other parameters; build the optimizer over "
+                f"sparse_peft.param_groups(model, lr) (or sparse_peft.use_param_groups(trainer)) for stage 3's own "
+                f"rate, or set finetune_lr_scale=None",
+                UserWarning,
+                stacklevel=3,
+            )
+            continue
+        peak = scale * group.get("initial_lr", group["lr"])
+        group.pop(CONSTANT_LR, None)
+        group.update({"lr": peak, ROLE: "diff pruning stage-3 values"})
+        group.update({OWN_DECAY: (peak, steps), OWN_DECAY_DONE: 0} if steps > 0 else {CONSTANT_LR: peak})
