@@ -1,7 +1,10 @@
-"""Promises every method keeps, checked the same way for all of them (tiny models, a few steps each):
-training changes the adapter, save/reload reproduces outputs, merged equals unmerged, disabling gives the base,
-bitsandbytes 4-bit and 8-bit bases train, and an SFTTrainer run resumed from a checkpoint equals the uninterrupted
-one."""
+"""Promises every method keeps, checked the same way for all of them (tiny models, a few steps each), one row per
+method in ``method_configs``: identity at init (or its config's identity option), training changes the adapter and
+nothing else, save/reload reproduces outputs, merged equals unmerged, disabling gives the base, several adapters
+switch and delete, half precision with and without autocast, bitsandbytes 4-bit and 8-bit bases train, loading
+never runs a selection, a load into other shapes names the layer, a default config in a bare loop trains or names
+the fix, what train and inspect report as stored, and an SFTTrainer run resumed from a checkpoint (inside a
+statistics window) equals the uninterrupted one. Fresh-process reloads are in ``test_persistence``."""
 
 from __future__ import annotations
 
@@ -9,13 +12,21 @@ import shutil
 
 import pytest
 import torch
-from conftest import INPUT, quantized_base, run_sft, tiny_llama
+from conftest import INPUT, quantized_base, run_python, run_sft, tiny_llama
 from method_configs import PRUNED_BASE, QUANTIZED_4BIT, RESUME_CONFIGS, TINY_CONFIGS, prepare_base, tiny_config
 from peft import PeftModel, get_peft_model
 
 from sparse_peft import before_optimizer_step, begin_step, refresh_masks
 
 METHODS = sorted(TINY_CONFIGS)
+
+
+def test_every_registered_method_has_a_row():
+    """The contract is a table: a method joins every test here by one row in ``method_configs.TINY_CONFIGS`` (and
+    in ``RESUME_CONFIGS`` if it has a schedule)."""
+    import sparse_peft
+
+    assert set(TINY_CONFIGS) == set(sparse_peft.METHODS)
 
 
 def train_steps(model, steps: int = 3, lr: float = 1e-2) -> list[float]:
@@ -316,3 +327,28 @@ def test_storage_report_counts_what_the_adapter_stores(trained):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(n for name, (n, _, _) in report.tensors.items() if name.startswith("frozen_values"))
     assert report.entries == trainable + frozen, method
+
+
+def test_fresh_process_reload_reproduces_outputs(trained, tmp_path):
+    """A new interpreter (nothing registered but what ``import sparse_peft`` does) loads the saved adapter onto the
+    saved base and reproduces the trained model's logits."""
+    method, model, _, out = trained
+    base_dir = tmp_path / "base"
+    prepare_base(method, tiny_llama()).save_pretrained(base_dir)
+    model.eval()
+    with torch.no_grad():
+        torch.save(model(INPUT).logits, tmp_path / "expected.pt")
+    code = f"""
+import torch, sparse_peft
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+x = (torch.arange(24).view(3, 8) * 7) % 128
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(r'{base_dir}'), r'{out}').eval()
+with torch.no_grad():
+    got = model(x).logits
+expected = torch.load(r'{tmp_path / "expected.pt"}')
+assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
+print("reloaded")
+"""
+    result = run_python(code)
+    assert result.returncode == 0 and "reloaded" in result.stdout, (method, result.stderr[-2000:])
