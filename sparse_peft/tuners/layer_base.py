@@ -2,7 +2,7 @@
 for forward, merge and unmerge.
 
 Each method's layer (:class:`~sparse_peft.tuners.sparse_delta.SparseDeltaLinear` and its subclasses, SNELL, SMT,
-S²FT, and :class:`~sparse_peft.tuners.lors.layer.WeightRecomputeLayer` for LoRS and SPP) subclasses
+S²FT, and :class:`~sparse_peft.tuners.recompute_layer.WeightRecomputeLayer` for LoRS and SPP) subclasses
 :class:`SparseLayerBase` and keeps only its own formula: its storage, its forward term, and what its merge writes
 into the weight and keeps for unmerge.
 """

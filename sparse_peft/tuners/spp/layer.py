@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lors.layer import WeightRecomputeLayer, _kaiming_uniform
+from ..recompute_layer import WeightRecomputeLayer, kaiming_uniform
 from .config import SppConfig
 
 
@@ -38,7 +38,7 @@ class SppLinear(WeightRecomputeLayer):
 
     def init_factors(self, config: SppConfig) -> dict[str, torch.Tensor]:
         generator = self._generator(config)
-        alpha = _kaiming_uniform(config.groups, self.in_features, generator)
+        alpha = kaiming_uniform(config.groups, self.in_features, generator)
         beta = torch.zeros(self.out_features)
         if not config.init_weights:
             beta = torch.randn(self.out_features, generator=generator)
