@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("adapter_dir", help="folder written by save_pretrained")
     i.add_argument("--png", default=None, help="heatmap path (default: ADAPTER_DIR/sparsity.png); 'none' to skip")
     i.add_argument("--module", default=None, help="matrix whose mask the heatmap shows (default: the first)")
+    i.add_argument(
+        "--compare",
+        default=None,
+        metavar="EARLIER_DIR",
+        help="an earlier save of the same run: per module, how much of the mask moved (table and mask-moved.png)",
+    )
     e = sub.add_parser("env", help="versions for a bug report, checked against the tested set (constraints.txt)")
     e.add_argument(
         "--freeze", default=None, metavar="PATH", help="write this environment as a tested set to PATH instead"
@@ -164,8 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def inspect_adapter(args: argparse.Namespace) -> int:
-    from .inspector import format_table, read_adapter, write_heatmap
+    from .inspector import format_movement, format_table, mask_movement, read_adapter, write_heatmap, write_movement_map
 
+    if args.compare is not None:
+        movement = mask_movement(args.compare, args.adapter_dir)
+        print(format_movement(movement))
+        if args.png != "none":
+            title = f"mask moved: {Path(args.compare).name} → {Path(args.adapter_dir).name}"
+            png = write_movement_map(movement, args.png or Path(args.adapter_dir) / "mask-moved.png", title)
+            print(f"map written to {png}")
+        return 0
     config, reports = read_adapter(args.adapter_dir)
     print(format_table(config, reports))
     if args.png != "none":

@@ -253,3 +253,88 @@ def _downsample(mask: torch.Tensor, max_side: int = 512) -> torch.Tensor:
     fr, fc = max(1, -(-rows // max_side)), max(1, -(-cols // max_side))
     padded = torch.nn.functional.pad(mask.float(), (0, (-cols) % fc, 0, (-rows) % fr))
     return torch.nn.functional.avg_pool2d(padded[None, None], (fr, fc))[0, 0]
+
+
+@dataclass
+class MaskMovement:
+    """How one module's trainable mask changed between two saves of an adapter: ``kept`` active positions of the
+    later save that were active in the earlier one, out of ``total`` (both saves hold ``k`` active entries)."""
+
+    module: str
+    kept: int
+    total: int
+
+    @property
+    def moved(self) -> float:
+        """Fraction of the later mask that is new: ``1 − |P_a ∩ P_b| / |P_b|``."""
+        return 1.0 - self.kept / self.total if self.total else 0.0
+
+    @property
+    def layer(self) -> int | None:
+        match = _LAYER.search(f".{self.module}.")
+        return int(match.group(1)) if match else None
+
+
+def mask_movement(earlier: str | Path, later: str | Path) -> dict[str, MaskMovement]:
+    """Per module, how much of ``later``'s trainable mask (its flat ``indices``) is not in ``earlier``'s: two
+    checkpoints of one entry-sparse run (LIFT refreshes, SpIEL regrowth). Raises when the adapters do not hold flat
+    masks of the same modules."""
+    config_a, reports_a = read_adapter(earlier)
+    config_b, reports_b = read_adapter(later)
+    if config_a.get("peft_type") != config_b.get("peft_type") or set(reports_a) != set(reports_b):
+        raise ValueError(f"{earlier} and {later} are not two saves of one adapter (method or modules differ)")
+    movement = {}
+    with (
+        safe_open(str(Path(earlier) / WEIGHTS_NAME), framework="pt") as a,
+        safe_open(str(Path(later) / WEIGHTS_NAME), framework="pt") as b,
+    ):
+        for module, report in reports_b.items():
+            key = report.flat_indices
+            if key is None:
+                raise ValueError(f"{module} stores no flat mask (indices): mask movement needs an entry-sparse method")
+            before, after = a.get_tensor(key).long(), b.get_tensor(key).long()
+            kept = int(torch.isin(after, before).sum())
+            movement[module] = MaskMovement(module, kept, after.numel())
+    return movement
+
+
+def format_movement(movement: dict[str, MaskMovement]) -> str:
+    """The table printed by ``sparse-peft inspect LATER --compare EARLIER``."""
+    header = f"{'module':<44} {'entries':>10} {'kept':>10} {'moved':>8}"
+    lines = [header, "-" * len(header)]
+    for row in movement.values():
+        lines.append(f"{_strip_wrapper(row.module):<44} {row.total:>10,} {row.kept:>10,} {row.moved:>8.2%}")
+    total = sum(r.total for r in movement.values())
+    kept = sum(r.kept for r in movement.values())
+    overall = 1.0 - kept / total if total else 0.0
+    lines += ["-" * len(header), f"{'total':<44} {total:>10,} {kept:>10,} {overall:>8.2%}"]
+    return "\n".join(lines)
+
+
+def write_movement_map(movement: dict[str, MaskMovement], output: str | Path, title: str) -> Path:
+    """A PNG of the moved fraction per (layer, module): where the mask moved between the two saves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted({m.layer for m in movement.values() if m.layer is not None})
+    seen = dict.fromkeys(m.module.rsplit(".", 1)[-1] for m in movement.values() if m.layer is not None)
+    names = sorted(seen, key=lambda n: (_MODULE_ORDER.index(n) if n in _MODULE_ORDER else len(_MODULE_ORDER), n))
+    grid = torch.full((len(layers), len(names)), float("nan"))
+    for row in movement.values():
+        if row.layer is not None:
+            grid[layers.index(row.layer), names.index(row.module.rsplit(".", 1)[-1])] = row.moved
+    figure, axis = plt.subplots(figsize=(6.5, 5.5))
+    image = axis.imshow(grid.numpy(), aspect="auto", cmap="magma", interpolation="nearest", vmin=0.0)
+    axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axis.set_yticks(range(len(layers)), [str(i) for i in layers])
+    axis.set_ylabel("layer")
+    axis.set_title(title)
+    figure.colorbar(image, ax=axis, format=matplotlib.ticker.PercentFormatter(1.0))
+    figure.tight_layout()
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
