@@ -8,8 +8,9 @@ What it shows:
   transiently;
 * RoSA (LoRA + a sparse delta whose mask comes from gradient statistics collected after a LoRA warm-up) trained with
   ``SFTTrainer`` and ``sparse_peft.SparsePeftCallback()``, the sparse values at their own, lower learning rate
-  (``sparse_peft.use_rosa_learning_rates``). ``SFTTrainer`` casts the adapter of a quantized model to bfloat16; the
-  example casts it back to float32 (see the comment there);
+  (``sparse_peft.use_rosa_learning_rates``). ``SFTTrainer`` casts the adapter of a quantized model to bfloat16;
+  ``SparsePeftCallback`` casts it back to float32 when training starts, so small updates of the sparse values are
+  not rounded away;
 * the adapter saved, and reloaded onto a freshly quantized base: every adapter tensor must come back exactly (exit 1
   otherwise). The logits are compared too, strictly on GPUs and on the tiny model; on CPUs, bitsandbytes 0.50 is
   known to give a real-size 4-bit model other base outputs after training through ``Trainer`` (README, *Quantized
@@ -96,12 +97,6 @@ def main() -> int:
         processing_class=tokenizer,
         callbacks=[sparse_peft.SparsePeftCallback()],
     )
-    # TRL's SFTTrainer casts the trainable weights of a quantized model to bfloat16 (the QLoRA paper's choice). This
-    # example computes in float32 (bnb_4bit_compute_dtype above) and keeps the adapter in float32 too: small updates
-    # of the sparse values are not rounded away, and the saved adapter reloads (in float32) to the same logits.
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
     sparse_peft.use_rosa_learning_rates(trainer, sparse_lr=1e-3 if TINY else 1e-4)  # LoRA at args.learning_rate
     trainer.train()
     losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]

@@ -129,6 +129,7 @@ class SparsePeftCallback(TrainerCallback, ExportableState):
             inner.bind(model)
         self._context = ScheduleContext(total_steps=state.max_steps, group=_stats_group())
         if model is not None:
+            _float32_adapters_on_quantized_bases(model)
             _warn_misplaced(model, optimizer)
         if model is not None and state.global_step == 0:
             self._calibrate(model, kwargs.get("train_dataloader"))
@@ -218,6 +219,27 @@ def _active_adapter_names(model: nn.Module) -> list[str]:
         if callable(getattr(module, "calibration_mode", None)) and hasattr(module, "active_adapters"):
             names += [name for name in module.active_adapters if name not in names]
     return names
+
+
+def _float32_adapters_on_quantized_bases(model: nn.Module) -> int:
+    """Cast the trainable adapter parameters of layers on bitsandbytes bases back to float32; returns how many.
+
+    TRL's ``SFTTrainer`` and ``DPOTrainer`` cast every trainable parameter of a quantized model to bfloat16 (QLoRA's
+    recipe for LoRA factors). Sparse values are updated a few entries at a time by amounts far below a bfloat16
+    ULP of their magnitude, so in bfloat16 many updates vanish (TRL exempts DoRA's magnitude vector for the same
+    reason), and the saved adapter would differ from one trained in float32. Called when training starts, before the
+    optimizer holds any state for these parameters (same parameter objects, so its groups stay valid)."""
+    cast = 0
+    for _, layer in sparse_layers(model):
+        if layer.quantization_backend is None:
+            continue
+        for param in layer.parameters():
+            if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+                param.data = param.data.float()
+                cast += 1
+    if cast:
+        logger.info("kept %d adapter parameters on quantized bases in float32 (the trainer had cast them)", cast)
+    return cast
 
 
 def _warn_misplaced(model: nn.Module, optimizer: Any) -> None:

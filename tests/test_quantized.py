@@ -42,3 +42,20 @@ def test_merge_into_quantized_base_warns(base_dir):
         model.merge_adapter()
     assert any("lossy" in str(w.message) for w in caught)
     model.unmerge_adapter()
+
+
+def test_sft_trainer_keeps_adapters_on_a_4bit_base_in_float32(base_dir, tmp_path):
+    """TRL casts trainable parameters of quantized models to bfloat16; the callback casts the sparse adapter back to
+    float32 before the first step (sub-ULP updates of sparse values would vanish in bfloat16)."""
+    from conftest import sft_trainer
+
+    from sparse_peft import SparsePeftCallback
+
+    model = get_peft_model(quantized_base(base_dir, 4), LiftConfig(r=2, filter_rank=4, update_interval=None))
+    trainer = sft_trainer(model, tmp_path / "out", [SparsePeftCallback()], max_steps=2, learning_rate=1e-2)
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.bfloat16 for p in trainable)  # TRL's cast, which this test undoes
+    trainer.train()
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
+    layer = next(m for m in trainer.model.modules() if isinstance(m, LiftLinear))
+    assert layer.values["default"].abs().sum() > 0
