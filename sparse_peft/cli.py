@@ -52,6 +52,7 @@ def train(args: argparse.Namespace) -> int:
         sparse_lr=args.sparse_lr,
         max_length=args.max_length,
         seed=args.seed,
+        task_seed=args.task_seed,
         threads=args.threads,
         output=args.output,
         prune=args.prune,
@@ -138,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
         "slower); default: the method's main-job default, else --lr",
     )
     t.add_argument("--max-length", type=int, default=128)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="training seed (adapter init, data order)")
+    t.add_argument(
+        "--task-seed", type=int, default=0, help="built-in task: seed of its problems (default 0: the same eval set)"
+    )
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--output", default=None, help="new folder for the adapter (default: runs/<method>-<time>)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config field, repeatable")

@@ -58,7 +58,8 @@ class RunSpec:
     lr: float | None = None
     sparse_lr: float | None = None
     max_length: int = 128
-    seed: int = 0
+    seed: int = 0  # training: adapter init, data order, dropout
+    task_seed: int = 0  # the built-in task's problems (train and eval): fixed, so runs of other seeds compare
     threads: int | None = None
     output: str | None = None
     prune: PruneSpec | None = None
@@ -355,7 +356,7 @@ def run_train(spec: RunSpec) -> tuple[dict[str, Any], int]:
     print(f"model loaded in {time.perf_counter() - start:.1f} s", flush=True)
     if spec.method == "supertuning" and "sparsity" not in spec.overrides:
         config.sparsity = lora_budget_sparsity(model)
-    train_set, eval_set = load_data(spec.data, spec.eval_data, spec.n_train, spec.n_eval, spec.seed)
+    train_set, eval_set = load_data(spec.data, spec.eval_data, spec.n_train, spec.n_eval, spec.task_seed)
     prepare = base_preparer(spec.prune, spec.quantize, tokenizer, train_set)
     if spec.prune is not None or spec.quantize:
         model = prepare(model, report=True)
