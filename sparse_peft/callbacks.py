@@ -31,6 +31,7 @@ from transformers.trainer_callback import ExportableState
 
 from .calibrate import calibrate, calibration_layers, first_batches
 from .groups import keep_constant_rates, misplaced_parameters
+from .sharding import check_sharded_training
 from .sparse.io import atomic_write
 from .tuners.layer_base import SparseLayerBase
 
@@ -131,6 +132,7 @@ class SparsePeftCallback(TrainerCallback, ExportableState):
         if model is not None:
             _float32_adapters_on_quantized_bases(model)
             _warn_misplaced(model, optimizer)
+            _check_sharding(model, optimizer, state)
         if model is not None and state.global_step == 0:
             self._calibrate(model, kwargs.get("train_dataloader"))
             _sync_reference(model)
@@ -251,6 +253,15 @@ def _warn_misplaced(model: nn.Module, optimizer: Any) -> None:
             f"own settings (e.g. diff pruning's gate_lr): call sparse_peft.use_param_groups(trainer) before "
             f"trainer.train(), or build the optimizer over sparse_peft.param_groups(model, lr=...)"
         )
+
+
+def _check_sharding(model: nn.Module, optimizer: Any, state: TrainerState) -> None:
+    """Refuse, before the first step, mask changes and train-start calibrations on a sharded model (FSDP, DeepSpeed
+    ZeRO): :func:`sparse_peft.sharding.check_sharded_training`."""
+    pending = []
+    if state.global_step == 0:
+        pending = [name for name in _active_adapter_names(model) if calibration_layers(model, name, train_begin=True)]
+    check_sharded_training(model, optimizer, state.max_steps, pending)
 
 
 def _warn(message: str) -> None:
