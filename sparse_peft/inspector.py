@@ -229,6 +229,13 @@ def write_heatmap(adapter_dir: str | Path, output: str | Path, module: str | Non
         axes[1].set_title("mask unavailable (base model not found)")
     method = str(config.get("peft_type", "")).removeprefix("SPARSE_PEFT_").lower()
     figure.suptitle(f"sparse_peft adapter ({method}): {Path(adapter_dir).name}")
+    return _save(figure, output)
+
+
+def _save(figure: Any, output: str | Path) -> Path:
+    """Write ``figure`` as a PNG at ``output`` (folders created) and close it."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -332,9 +339,4 @@ def write_movement_map(movement: dict[str, MaskMovement], output: str | Path, ti
     axis.set_ylabel("layer")
     axis.set_title(title)
     figure.colorbar(image, ax=axis, format=matplotlib.ticker.PercentFormatter(1.0))
-    figure.tight_layout()
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, output)
