@@ -95,10 +95,11 @@ def main() -> int:
 
     # 1. SpIEL: drop-and-regrow driven by the hooks.
     model, tokenizer = load_base()
+    reselection = 2 if TINY else max(2, spiel_steps // 2)  # 40 steps: R = 20, S = 5 (the paper's defaults)
     spiel = sparse_peft.SpielConfig(
         **({"density": 0.1} if TINY else {"r": 16}),  # r: LoRA r=16's budget, (m + n)·16 entries per matrix
-        reselection_steps=2 if TINY else 20,
-        window_steps=1 if TINY else 5,
+        reselection_steps=reselection,
+        window_steps=max(1, reselection // 4),
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, spiel)
@@ -121,7 +122,7 @@ def main() -> int:
     chosen = sparse_peft.calibrate(model, calibration)  # before the optimizer: storage is resized to the blocks
     budget = smt.num_blocks * smt.block_size**2
     print(f"SMT calibrated on {window_steps * BATCH_SIZE} examples: {chosen}; trainable {trainable(model):,}")
-    train(model, data, smt_steps, lr=1e-2 if TINY else 5e-4)
+    train(model, data, smt_steps, lr=1e-2 if TINY else 1e-3)
 
     print(f"SpIEL slots moved in total: {sum(moved):,}; SMT trainable {trainable(model):,} = budget {budget:,}")
     if sum(moved) == 0 or trainable(model) != budget:
