@@ -58,6 +58,8 @@ def main() -> int:
 
     out = output_dir("qlora_4bit")
     max_steps, batch_size = steps(40, tiny=3), 2 if TINY else 8
+    # the schedule follows the run's length, so a shortened run (SPARSE_PEFT_EXAMPLE_STEPS) trains the sparse part too
+    warmup, window = (1, 1) if TINY else (max(1, max_steps // 2), max(1, min(4, max_steps // 10)))
     train_set, eval_set = arithmetic_task(n_train=max_steps * batch_size, n_eval=4)
     float_model, tokenizer = load_base()
     base_folder = tempfile.TemporaryDirectory(prefix="qlora-base-")
@@ -71,8 +73,8 @@ def main() -> int:
         r=2 if TINY else 8,
         lora_alpha=4 if TINY else 16,
         density=0.05 if TINY else 0.02,  # the sparse delta: this fraction of every matrix
-        schedule="wl1" if TINY else "wl20",  # LoRA alone for the first N steps ...
-        window_steps=1 if TINY else 4,  # ... then N..N+G: gradient statistics that choose the sparse mask
+        schedule=f"wl{warmup}",  # LoRA alone for the first N steps (40 steps: N = 20) ...
+        window_steps=window,  # ... then N..N+G: gradient statistics that choose the sparse mask (G = 4)
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
@@ -81,7 +83,7 @@ def main() -> int:
         max_steps=max_steps,
         per_device_train_batch_size=batch_size,
         learning_rate=1e-2 if TINY else 1e-3,
-        logging_steps=1 if TINY else 10,
+        logging_steps=1 if TINY else max(1, min(10, max_steps // 4)),
         max_length=256 if TINY else 128,
         save_strategy="no",
         report_to=[],
