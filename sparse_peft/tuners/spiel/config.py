@@ -38,7 +38,8 @@ class SpielConfig(SparseConfig):
       (``G_b = ∂L/∂W`` of batch ``b``), so the first S steps train gradient-selected entries instead of random
       ones, and the selection at step S is an ordinary one (``p = ζ(S)``). The paper's intent (the initial mask is
       gradient-selected) on more data than one micro-batch; a training forward that was not calibrated warns and
-      falls back to ``"window"``.
+      falls back to ``"window"``. Measured on the built-in task (SmolLM2-135M, 100 steps, lr 1e-3): 15% exact match
+      against 37% with ``"window"`` (``benchmarks/results/sweeps/spiel``), so ``"window"`` stays the default.
     """
 
     method: ClassVar[str] = "spiel"
