@@ -39,7 +39,7 @@ import sparse_peft
 from sparse_peft import PeftModel
 from sparse_peft.tasks import arithmetic_task
 
-RANKS = (2, 8, 32) if TINY else (16, 64, 128)  # at most the smallest matrix side (k, v: 32 tiny, 192 real)
+RANKS = (2, 8, 32) if TINY else (8, 32, 64, 128)  # at most the smallest matrix side (k, v: 32 tiny, 192 real)
 SERVE_RANK = 32 if TINY else 64
 
 
