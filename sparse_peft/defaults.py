@@ -37,10 +37,11 @@ MAIN_JOB: dict[str, MainJob] = {
         "3.0 gave 57% (LoRA: 54%)",
     ),
     "diff_pruning": MainJob(
-        {"density": 0.03, "projection_step": 50},
+        {"density": 0.046, "projection_step": 50},
         lr=1.5e-4,
-        evidence="projection halfway through the 100 steps; benchmarks/results/sweeps/diff_pruning (gates at "
-        "gate_lr 0.1): lr 5e-5 18%, 1.5e-4 26%, 5e-4 9%",
+        evidence="LoRA's budget; projection halfway through the 100 steps; benchmarks/results/sweeps/diff_pruning "
+        "(gates at gate_lr 0.1): density 0.03 with the shared schedule: lr 5e-5 18%, 1.5e-4 26%, 5e-4 9%; density "
+        "0.046 at 1.5e-4: 37% with the shared schedule, 51% with stage 3 on its own (finetune_lr_scale=5.0)",
     ),
     "smt": MainJob(
         {"block_size": 64, "num_blocks": 330, "window_steps": 20},
@@ -93,7 +94,7 @@ MAIN_JOB: dict[str, MainJob] = {
 #: main-job setting holds another budget (SNELL, LIFT, SpIEL and LoRS already match it at rank 16). Counted on the
 #: model's shapes: SPP 4,947,840 (groups must divide every out_features; 32 is the closest), RoSA 4,884,150, S²FT
 #: 4,872,960 (1 KV head of V, 1 query head of O, 77 of 1536 up/down channels per layer), SMT 1192·64² = 4,882,432,
-#: diff pruning 0.046 of 106,168,320 = 4,883,743.
+#: diff pruning's main job already holds LoRA's budget (density 0.046 of 106,168,320 = 4,883,743).
 EQUAL_BUDGET: dict[str, dict[str, Any]] = {
     "spp": {"groups": 32},
     "rosa": {"density": 0.023},
@@ -105,7 +106,6 @@ EQUAL_BUDGET: dict[str, dict[str, Any]] = {
         "down_ratio": 0.05,
     },
     "smt": {"num_blocks": 1192},
-    "diff_pruning": {"density": 0.046},
 }
 
 #: The DPO recipes run 50 steps instead of 100: fields that follow the step count.
