@@ -33,6 +33,7 @@ from .calibrate import calibrate, calibration_layers, first_batches
 from .groups import keep_constant_rates, misplaced_parameters
 from .sharding import check_sharded_training
 from .sparse.io import atomic_write
+from .sparse.regrow import unwrap_optimizer
 from .tuners.layer_base import SparseLayerBase
 
 logger = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ class SparsePeftCallback(TrainerCallback, ExportableState):
             inner.bind(model)
         self._context = ScheduleContext(total_steps=state.max_steps, group=_stats_group())
         if model is not None:
-            _float32_adapters_on_quantized_bases(model)
+            _float32_adapters_on_quantized_bases(model, optimizer)
             _warn_misplaced(model, optimizer)
             _check_sharding(model, optimizer, state)
         if model is not None and state.global_step == 0:
@@ -223,14 +224,17 @@ def _active_adapter_names(model: nn.Module) -> list[str]:
     return names
 
 
-def _float32_adapters_on_quantized_bases(model: nn.Module) -> int:
-    """Cast the trainable adapter parameters of layers on bitsandbytes bases back to float32; returns how many.
+def _float32_adapters_on_quantized_bases(model: nn.Module, optimizer: Any = None) -> int:
+    """Cast the trainable adapter parameters of layers on bitsandbytes bases back to float32, and any optimizer state
+    already held for them (a resumed run's, which the optimizer cast to the parameters' dtype on load); returns how
+    many parameters were cast.
 
     TRL's ``SFTTrainer`` and ``DPOTrainer`` cast every trainable parameter of a quantized model to bfloat16 (QLoRA's
     recipe for LoRA factors). Sparse values are updated a few entries at a time by amounts far below a bfloat16
     ULP of their magnitude, so in bfloat16 many updates vanish (TRL exempts DoRA's magnitude vector for the same
-    reason), and the saved adapter would differ from one trained in float32. Called when training starts, before the
-    optimizer holds any state for these parameters (same parameter objects, so its groups stay valid)."""
+    reason), and the saved adapter would differ from one trained in float32. Called when training starts (same
+    parameter objects, so the optimizer's groups stay valid)."""
+    state = unwrap_optimizer(optimizer).state if optimizer is not None else {}
     cast = 0
     for _, layer in sparse_layers(model):
         if layer.quantization_backend is None:
@@ -238,6 +242,9 @@ def _float32_adapters_on_quantized_bases(model: nn.Module) -> int:
         for param in layer.parameters():
             if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
                 param.data = param.data.float()
+                for key, value in state.get(param, {}).items():
+                    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0:
+                        state[param][key] = value.float()
                 cast += 1
     if cast:
         logger.info("kept %d adapter parameters on quantized bases in float32 (the trainer had cast them)", cast)

@@ -59,3 +59,25 @@ def test_sft_trainer_keeps_adapters_on_a_4bit_base_in_float32(base_dir, tmp_path
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
     layer = next(m for m in trainer.model.modules() if isinstance(m, LiftLinear))
     assert layer.values["default"].abs().sum() > 0
+
+
+def test_float32_cast_also_casts_a_resumed_optimizer_state(base_dir):
+    """On resume the optimizer loads its moments in the parameters' (TRL-cast) bfloat16; the cast back to float32
+    takes them along, so AdamW steps on one dtype."""
+    from sparse_peft.callbacks import _float32_adapters_on_quantized_bases
+
+    model = get_peft_model(quantized_base(base_dir, 4), LiftConfig(r=2, filter_rank=4, update_interval=None))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for param in params:
+        param.data = param.data.to(torch.bfloat16)  # what TRL does to a quantized model's trainable parameters
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model(INPUT, labels=INPUT).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    assert optimizer.state[params[0]]["exp_avg"].dtype == torch.bfloat16
+    assert _float32_adapters_on_quantized_bases(model, optimizer) == len(params)
+    for param in params:
+        assert param.dtype == torch.float32
+        assert all(v.dtype == torch.float32 for v in optimizer.state[param].values() if v.dim() > 0)
+    model(INPUT, labels=INPUT).loss.backward()
+    optimizer.step()  # one dtype: steps without error
