@@ -93,3 +93,25 @@ def output_dir(name: str) -> Path:
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs") / "examples" / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def sft_args(output_dir: str | Path, max_steps: int, batch_size: int, lr: float, logging_steps: int = 10):
+    """The ``SFTConfig`` the examples share (``sft_trl.py`` spells it out): ``max_steps`` of ``batch_size``, linear
+    decay from ``lr``, sequences up to 128 tokens (256 characters on the tiny model), no checkpoints, float32 on the
+    CPU (TRL's default bf16 is refused there)."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        logging_steps=1 if TINY else logging_steps,
+        max_length=256 if TINY else 128,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        activation_checkpointing=False,
+        disable_tqdm=TINY,
+    )

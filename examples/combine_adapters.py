@@ -27,11 +27,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from _tiny import TINY, load_base, output_dir, steps
+from _tiny import TINY, load_base, output_dir, sft_args, steps
 from datasets import Dataset
 from peft import get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 import sparse_peft
 from sparse_peft import PeftModel
@@ -47,20 +47,7 @@ def train_adapter(dataset: Dataset, folder: Path) -> None:
         r=2 if TINY else 16, filter_rank=4 if TINY else 32, update_interval=1 if TINY else 10, task_type="CAUSAL_LM"
     )
     model = get_peft_model(model, config)
-    args = SFTConfig(
-        output_dir=str(folder.parent / f"trainer-{folder.name}"),
-        max_steps=MAX_STEPS,
-        per_device_train_batch_size=BATCH_SIZE,
-        learning_rate=1e-2 if TINY else 1e-3,
-        logging_steps=1 if TINY else 10,
-        max_length=256 if TINY else 128,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        activation_checkpointing=False,
-        disable_tqdm=TINY,
-    )
+    args = sft_args(folder.parent / f"trainer-{folder.name}", MAX_STEPS, BATCH_SIZE, 1e-2 if TINY else 1e-3)
     callbacks = [sparse_peft.SparsePeftCallback()]
     SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks).train()
     model.save_pretrained(folder)

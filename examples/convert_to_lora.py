@@ -28,12 +28,12 @@ import itertools
 import math
 
 import torch
-from _tiny import TINY, load_base, output_dir, steps
+from _tiny import TINY, load_base, output_dir, sft_args, steps
 from peft import get_peft_model
 from peft.tuners.lora.conversion import convert_to_lora, save_as_lora
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForCausalLM
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 import sparse_peft
 from sparse_peft import PeftModel
@@ -64,20 +64,7 @@ def main() -> int:
         r=2 if TINY else 16, filter_rank=4 if TINY else 32, update_interval=1 if TINY else 10, task_type="CAUSAL_LM"
     )
     model = get_peft_model(model, config)
-    args = SFTConfig(
-        output_dir=str(out / "trainer"),
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=1e-2 if TINY else 1e-3,
-        logging_steps=1 if TINY else 10,
-        max_length=256 if TINY else 128,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        activation_checkpointing=False,
-        disable_tqdm=TINY,
-    )
+    args = sft_args(out / "trainer", max_steps, batch_size, 1e-2 if TINY else 1e-3)
     callbacks = [sparse_peft.SparsePeftCallback()]
     SFTTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer, callbacks=callbacks).train()
     model.eval()

@@ -19,9 +19,9 @@ Run (SmolLM2-135M-Instruct, 40 steps of batch 8)::
 from __future__ import annotations
 
 import torch
-from _tiny import TINY, load_base, output_dir, steps
+from _tiny import TINY, load_base, output_dir, sft_args, steps
 from peft import get_peft_model
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 import sparse_peft
 from sparse_peft.prune import zero_sets, zeros_kept
@@ -49,20 +49,7 @@ def main() -> int:
     config = sparse_peft.SppConfig(groups=4 if TINY else 16, scaling=2.0, task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
-    args = SFTConfig(
-        output_dir=str(out / "trainer"),
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=2e-2 if TINY else 4e-3,
-        logging_steps=1 if TINY else 10,
-        max_length=256 if TINY else 128,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        activation_checkpointing=False,
-        disable_tqdm=TINY,
-    )
+    args = sft_args(out / "trainer", max_steps, batch_size, 2e-2 if TINY else 4e-3)
     # SPP has no schedule; the callback is harmless here and runs LoRS's gradient init if you switch to LorsConfig.
     trainer = SFTTrainer(
         model=model,

@@ -32,10 +32,10 @@ from __future__ import annotations
 import tempfile
 
 import torch
-from _tiny import TINY, load_base, output_dir, steps
+from _tiny import TINY, load_base, output_dir, sft_args, steps
 from peft import get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 import sparse_peft
 from sparse_peft import PeftModel
@@ -78,20 +78,7 @@ def main() -> int:
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
-    args = SFTConfig(
-        output_dir=str(out / "trainer"),
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=1e-2 if TINY else 1e-3,
-        logging_steps=1 if TINY else max(1, min(10, max_steps // 4)),
-        max_length=256 if TINY else 128,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        activation_checkpointing=False,
-        disable_tqdm=TINY,
-    )
+    args = sft_args(out / "trainer", max_steps, batch_size, 1e-2 if TINY else 1e-3, max(1, min(10, max_steps // 4)))
     trainer = SFTTrainer(
         model=model,
         args=args,
