@@ -98,6 +98,25 @@ def test_regrowth_moves_the_scheduled_fraction_and_keeps_indices_unique():
     assert 0 < changed <= expected
 
 
+def test_random_initial_selection_keeps_the_start_and_replaces_the_scheduled_fraction_at_step_s():
+    """initial_selection='random': the seeded random start is the same as 'window''s, and the selection after step S
+    replaces ζ(S)·k slots (not all of them); the kept slots keep their trained values."""
+    window_model, _ = make()
+    model, optimizer = make(initial_selection="random")
+    layer = spiel_layers(model)[0]
+    start = layer.indices["default"].clone()
+    assert torch.equal(start, spiel_layers(window_model)[0].indices["default"])
+    k = start.numel()
+    run(model, optimizer, 1, total=100)
+    trained = layer.values["default"].detach().clone()
+    assert run(model, optimizer, 1, total=100, start=2)[0] > 0  # selection after step S = 2
+    kept = layer.indices["default"] == start
+    assert 0 < int((~kept).sum()) <= int(k * 0.5 * (1 - 2 / 100)) < k
+    assert torch.all(layer.values["default"].detach()[~kept] == 0)
+    assert not torch.equal(layer.values["default"].detach()[kept], trained[kept])  # step 2 trained them further
+    assert torch.all(layer.values["default"].detach()[kept] != 0)
+
+
 def test_moved_slots_are_zeroed_and_reseeded_others_keep_state():
     model, optimizer = make()
     run(model, optimizer, 5, total=100)  # first selection at step 2; window for step 6 opens at step 5
@@ -185,7 +204,7 @@ def test_save_reload_after_regrowth(tmp_path):
         ({"reselection_steps": 5, "window_steps": 5}, "must be smaller than"),
         ({"selection_algorithm": "magic"}, "selection_algorithm"),
         ({"density": None}, "needs density or r "),
-        ({"initial_selection": "magnitude"}, "initial_selection must be one of 'window', 'calibration'"),
+        ({"initial_selection": "magnitude"}, "initial_selection must be one of 'window', 'random', 'calibration'"),
     ],
 )
 def test_config_errors(kwargs, match):
@@ -268,7 +287,7 @@ def test_loaded_calibrated_adapter_is_not_recalibrated(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
     layer = spiel_layers(loaded)[0]
-    assert not layer.uncalibrated and "default" in layer.calibrated
+    assert not layer.uncalibrated and "default" in layer.keeps_initial
     assert torch.equal(layer.indices["default"], spiel_layers(model)[0].indices["default"])
     assert calibrate(loaded, [INPUT]) == {}
 
@@ -287,5 +306,5 @@ def test_sft_trainer_callback_calibrates_the_initial_selection(tmp_path):
         warnings.filterwarnings("error", message=".*were not calibrated")  # the fallback: no calibration ran
         trainer.train()
     for layer, old in zip(spiel_layers(trainer.model), before, strict=True):
-        assert not layer.uncalibrated and "default" in layer.calibrated
+        assert not layer.uncalibrated and "default" in layer.keeps_initial
         assert not torch.equal(layer.indices["default"], old)

@@ -30,8 +30,10 @@ class SpielConfig(SparseConfig):
 
     Initial selection (``initial_selection``):
 
-    * ``"window"`` (the reference's): a seeded random start that the first in-training window replaces completely
-      at step S (``p = 1``), its candidates nominated by one micro-batch's gradient;
+    * ``"window"`` (the reference code's): a seeded random start that the first in-training window replaces
+      completely at step S (``p = 1``), its candidates nominated by one micro-batch's gradient;
+    * ``"random"``: the seeded random start is kept, and the selection at step S is an ordinary one
+      (``p = ζ(S)``), so gradient-chosen entries enter the mask gradually, ``ζ(t)·k`` at a time;
     * ``"calibration"``: the calibration pass (:func:`sparse_peft.calibrate`, which
       :class:`sparse_peft.SparsePeftCallback` runs on the first training batches) chooses the initial entries
       before training by the same growth criterion, the top-``k`` of ``|Σ_b G_b|`` over every calibration batch
@@ -53,7 +55,7 @@ class SpielConfig(SparseConfig):
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {
         "selection_algorithm": ("rigl", "sm3"),
         "reselection_rate_policy": ("linear", "cosine"),
-        "initial_selection": ("window", "calibration"),
+        "initial_selection": ("window", "random", "calibration"),
     }
     needs_one_of: ClassVar[tuple[str, ...]] = ("density", "r")
 
@@ -69,7 +71,10 @@ class SpielConfig(SparseConfig):
     )
     initial_selection: Literal["window", "calibration"] = field(
         default="window",
-        metadata={"help": "'window': random start replaced at step S; 'calibration': chosen by sparse_peft.calibrate."},
+        metadata={
+            "help": "'window': random start replaced at step S; 'random': random start kept, regrown gradually; "
+            "'calibration': chosen by sparse_peft.calibrate."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -81,10 +86,11 @@ class SpielConfig(SparseConfig):
                 f"reselection_steps ({self.reselection_steps})"
             )
 
-    def reselection_rate(self, step: int, total_steps: int, calibrated: bool = False) -> float:
+    def reselection_rate(self, step: int, total_steps: int, keep_initial: bool = False) -> float:
         """Fraction of slots replaced at a selection after ``step`` optimizer steps (1 at the first selection,
-        unless the calibration pass chose the initial entries)."""
-        if step == self.window_steps and not calibrated:
+        unless the initial entries are to be kept: ``initial_selection="random"``, or chosen by the calibration
+        pass)."""
+        if step == self.window_steps and not keep_initial:
             return 1.0
         progress = min(step / total_steps, 1.0) if total_steps else 0.0
         if self.reselection_rate_policy == "cosine":

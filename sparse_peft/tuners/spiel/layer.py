@@ -77,21 +77,23 @@ class SpielLinear(SparseDeltaLinear):
     """
 
     prefix = "sparse_peft_spiel_"
-    _adapter_state = (*SparseDeltaLinear._adapter_state, "_windows", "_collecting", "uncalibrated", "calibrated")
+    _adapter_state = (*SparseDeltaLinear._adapter_state, "_windows", "_collecting", "uncalibrated", "keeps_initial")
     calibrates_at_train_begin = True  # the initial selection changes the index buffer and zero values; shapes stay
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._windows: dict[str, Window] = {}
         self._collecting: set[str] = set()
         self.uncalibrated: set[str] = set()
-        self.calibrated: set[str] = set()
+        self.keeps_initial: set[str] = set()
         super().__init__(*args, **kwargs)
 
     def update_layer(self, adapter_name: str, config: SpielConfig, **kwargs: Any) -> None:
         super().update_layer(adapter_name, config, **kwargs)
-        self.calibrated.discard(adapter_name)
+        self.keeps_initial.discard(adapter_name)
         if config.initial_selection == "calibration" and config.init_weights and not from_checkpoint(config):
             self.uncalibrated.add(adapter_name)
+        if config.initial_selection == "random":
+            self.keeps_initial.add(adapter_name)  # the initial entries stay: the selection at step S is an ordinary one
 
     # ---- initial selection by the calibration pass (initial_selection="calibration") ---------------------------
     def calibration_mode(self, adapter_name: str) -> Optional[str]:
@@ -109,7 +111,7 @@ class SpielLinear(SparseDeltaLinear):
         values.zero_()
         values.grad = None
         self.uncalibrated.discard(adapter_name)
-        self.calibrated.add(adapter_name)
+        self.keeps_initial.add(adapter_name)
 
     def prepare_load(self, module_key: str, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
         """A loaded adapter's entries are chosen: no calibration over them (and, for ``"calibration"``, no full
@@ -118,7 +120,7 @@ class SpielLinear(SparseDeltaLinear):
         self.uncalibrated.discard(adapter_name)
         config = self.adapter_configs.get(adapter_name)
         if config is not None and config.initial_selection == "calibration":
-            self.calibrated.add(adapter_name)
+            self.keeps_initial.add(adapter_name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         pending = [n for n in self.active_adapters if n in self.uncalibrated]
@@ -234,7 +236,7 @@ class SpielLinear(SparseDeltaLinear):
         total = self._total(config, context)
         if not self.selecting(config, step, total):
             return 0
-        rate = config.reselection_rate(step, total, calibrated=adapter_name in self.calibrated)
+        rate = config.reselection_rate(step, total, keep_initial=adapter_name in self.keeps_initial)
         if config.selection_algorithm == "sm3":
             moved = self._regrow_sm3(adapter_name, rate, optimizer)
         else:
