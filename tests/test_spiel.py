@@ -98,6 +98,19 @@ def test_regrowth_moves_the_scheduled_fraction_and_keeps_indices_unique():
     assert 0 < changed <= expected
 
 
+def test_zero_grown_moments_leave_grown_slots_without_optimizer_state():
+    model, optimizer = make(grown_moments="zero")
+    run(model, optimizer, 5, total=100)
+    layer = spiel_layers(model)[0]
+    old_idx = layer.indices["default"].clone()
+    state = optimizer.state[layer.values["default"]]
+    run(model, optimizer, 1, total=100, start=6)  # selection after step 6
+    moved = (layer.indices["default"] != old_idx).nonzero().flatten()
+    assert moved.numel() > 0
+    assert torch.all(state["exp_avg"][moved] == 0) and torch.all(state["exp_avg_sq"][moved] == 0)
+    assert torch.all(layer.values["default"].detach()[moved] == 0)
+
+
 def test_random_initial_selection_keeps_the_start_and_replaces_the_scheduled_fraction_at_step_s():
     """initial_selection='random': the seeded random start is the same as 'window''s, and the selection after step S
     replaces ζ(S)·k slots (not all of them); the kept slots keep their trained values."""

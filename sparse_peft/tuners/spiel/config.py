@@ -56,6 +56,7 @@ class SpielConfig(SparseConfig):
         "selection_algorithm": ("rigl", "sm3"),
         "reselection_rate_policy": ("linear", "cosine"),
         "initial_selection": ("window", "random", "calibration"),
+        "grown_moments": ("reseed", "zero"),
     }
     needs_one_of: ClassVar[tuple[str, ...]] = ("density", "r")
 
@@ -74,6 +75,14 @@ class SpielConfig(SparseConfig):
         metadata={
             "help": "'window': random start replaced at step S; 'random': random start kept, regrown gradually; "
             "'calibration': chosen by sparse_peft.calibrate."
+        },
+    )
+
+    grown_moments: Literal["reseed", "zero"] = field(
+        default="reseed",
+        metadata={
+            "help": "Adam moments of grown slots: 'reseed' from the window's gradient statistics (the reference's), "
+            "or 'zero' (the slot's first step is then a bias-corrected fraction of a full one)."
         },
     )
 

@@ -65,7 +65,8 @@ class SpielLinear(SparseDeltaLinear):
     Adam reseeding: the reference keeps a per-element age ``a`` and sets ``m = m̄(1−β₁ᵃ)``, ``v = v̄(1−β₂ᵃ)``, so the
     bias-corrected moments of a new slot equal the window means ``m̄ = ΣG/a``, ``v̄ = ΣG²/a``. torch's AdamW keeps one
     step count ``t`` per tensor, so we set ``m = m̄(1−β₁ᵗ)``, ``v = v̄(1−β₂ᵗ)``: the bias-corrected moments again equal
-    ``m̄`` and ``v̄``, which is the paper's intent.
+    ``m̄`` and ``v̄``, which is the paper's intent. ``grown_moments="zero"`` leaves them at zero instead: the first
+    update of a grown slot is then ``(1−β₁)/√(1−β₂) · (1−β₂ᵗ)^½/(1−β₁ᵗ)`` of a full one (about 0.5 at ``t = 25``).
 
     Initial selection ``"calibration"``: the calibration pass sets the ``k`` entries to the top-``k`` of
     ``|Σ_b G_b|`` over its batches (values zero, no optimizer state yet); the adapter is then *calibrated* and its
@@ -254,10 +255,11 @@ class SpielLinear(SparseDeltaLinear):
         slots, positions = plan_drop_and_grow(values, indices, window.candidates, window.sum_g.abs(), n)
         if slots.numel() == 0:
             return 0
-        where = torch.searchsorted(window.candidates.long(), positions.long())  # candidates are sorted
-        reseed = self._reseed(
-            values, optimizer, window.sum_g[where] / window.steps, window.sum_g2[where] / window.steps
-        )
+        reseed = None
+        if self.adapter_configs[adapter_name].grown_moments == "reseed":
+            where = torch.searchsorted(window.candidates.long(), positions.long())  # candidates are sorted
+            mean_g, mean_g2 = window.sum_g[where] / window.steps, window.sum_g2[where] / window.steps
+            reseed = self._reseed(values, optimizer, mean_g, mean_g2)
         reset_slots(values, slots, optimizer, reseed)
         indices[slots] = positions.to(indices.device)
         return int(slots.numel())
