@@ -72,6 +72,27 @@ def test_train_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsys):
         assert label in printed
 
 
+@pytest.mark.parametrize("reload_check", [True, False])
+def test_train_without_evaluation(tmp_path, reload_check):
+    """``--n-eval 0`` (benchmarks/run.py's short memory runs) trains the built-in task without evaluating; the summary
+    holds no quality, the training loss curve and the memory; the reload check, when on, still runs."""
+    model_dir = tmp_path / "tiny"
+    tiny_llama(max_position_embeddings=512).save_pretrained(model_dir)  # the built-in prompts are ~200 characters
+    char_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "run"
+    args = ["train", "--method", "lora", "--model", str(model_dir), "--n-train", "8", "--n-eval", "0"]
+    args += ["--steps", "2", "--batch-size", "4", "--max-length", "256", "--output", str(out)]
+    assert main(args if reload_check else [*args, "--no-reload-check"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["before"] is None and summary["after"] is None
+    assert [step for step, _ in summary["loss_curve"]] == [1, 2] and all(loss > 0 for _, loss in summary["loss_curve"])
+    assert summary["memory_above_frozen_bytes"] > 0
+    if reload_check:
+        assert summary["reload_max_abs_logit_diff"] <= 1e-4 and summary["adapter_load_seconds"] > 0
+    else:
+        assert summary["adapter_load_seconds"] is None
+
+
 def test_output_that_holds_files_is_refused(tiny_model_dir, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
