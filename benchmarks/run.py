@@ -272,7 +272,7 @@ def table(rows: Rows) -> str:
     header = (
         "| method | trainable | exact match before → after | step s | step vs LoRA | train s | train vs LoRA "
         "| peak RSS MiB | above frozen MiB "
-        "| memory vs LoRA | optimizer state MiB | adapter MiB | k·(v+i) MiB | load s | load vs LoRA |"
+        "| memory vs LoRA | optimizer state MiB | adapter MiB | stored MiB | load s | load vs LoRA |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for method in main_labels(rows):
@@ -283,7 +283,7 @@ def table(rows: Rows) -> str:
             f"| {_fmt(r.get('train_seconds'), 's')} | {_fmt(r.get('train_seconds_vs_lora'), 'x')} "
             f"| {_fmt(r.get('peak_rss_bytes'), 'mb')} | {_fmt(r.get('memory_above_frozen_bytes'), 'mb')} "
             f"| {_fmt(r.get('memory_above_frozen_bytes_vs_lora'), 'x')} | {_fmt(r.get('optimizer_state_bytes'), 'mb')} "
-            f"| {_fmt(r.get('adapter_bytes'), 'mb')} | {_fmt(r.get('k_times_value_plus_index_bytes') or None, 'mb')} "
+            f"| {_fmt(r.get('adapter_bytes'), 'mb')} | {_fmt(expected_adapter_bytes(r), 'mb')} "
             f"| {_fmt(r.get('adapter_load_seconds'), 's')} | {_fmt(r.get('adapter_load_seconds_vs_lora'), 'x')} |"
         )
     return "\n".join(lines)
@@ -336,8 +336,12 @@ def memory_table(rows: Rows) -> str:
 
 # ---- targets --------------------------------------------------------------------------------------------------------
 def expected_adapter_bytes(row: dict[str, Any]) -> int | None:
-    """What an entry-sparse adapter file should hold: ``k·(value bytes + index bytes)``, plus RoSA's LoRA factors
-    (float32, ``trainable − k`` of them); None for methods that store no sparse delta."""
+    """What an adapter file should hold: the ``stored_bytes`` of its layers' storage reports (every tensor they save,
+    RoSA's LoRA factors included); summaries written before 2026-12-02 have ``k·(value bytes + index bytes)`` of the
+    entry-sparse methods instead, plus RoSA's float32 LoRA factors (``trainable − k``). None when nothing is
+    accounted."""
+    if row.get("stored_bytes"):
+        return int(row["stored_bytes"])
     payload = row.get("k_times_value_plus_index_bytes") or 0
     if not payload:
         return None
@@ -388,7 +392,7 @@ def _cost_checks(rows: Rows, label: str) -> list[tuple[str, str]]:
         expected = expected_adapter_bytes(row)
         if expected and row.get("adapter_bytes"):
             excess = row["adapter_bytes"] / expected - 1
-            checks.append(("adapter ≤ k·(v+i) + 5%", _verdict(abs(excess) <= 0.05, f"{excess:+.1%}")))
+            checks.append(("adapter ≤ stored bytes + 5%", _verdict(abs(excess) <= 0.05, f"{excess:+.1%}")))
     if method in STRUCTURED:
         checks.append(("step ≤ LoRA", _ratio_target(row, "median_step_seconds_vs_lora", 1.0, "step")))
     step_limit = {"spp": 1.15, "lors": 1.15, "snell": 1.5}.get(method)

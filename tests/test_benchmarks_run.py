@@ -331,3 +331,17 @@ def test_accuracy_plot_marks_the_peers(tmp_path, monkeypatch):
     }
     run.accuracy_plot(rows, tmp_path / "accuracy.png")
     assert markers == {1: "s", 2: "s", 3: "s", 4: "s", 5: "s", 6: "o", 7: "o"}
+
+
+def test_adapter_size_check_reads_the_stored_bytes():
+    """The file must hold what the layers' storage reports account for (within 5%); old summaries fall back to
+    ``k·(value + index bytes)``."""
+    rows = synthetic_rows()
+    rows["lift"]["stored_bytes"] = 19 * MiB
+    rows["spiel"]["stored_bytes"] = 15 * MiB
+    text = run.targets(rows)
+    lines = [line for line in text.splitlines() if "adapter ≤ stored bytes + 5%" in line]
+    assert any(line.startswith("| lift |") and "met: +0.0%" in line for line in lines)
+    assert any(line.startswith("| spiel |") and "**missed**: +26.7%" in line for line in lines)
+    assert "| 19.0 | 19.0 |" in next(line for line in run.table(rows).splitlines() if line.startswith("| lift |"))
+    assert run.expected_adapter_bytes({"k_times_value_plus_index_bytes": 100}) == 100
