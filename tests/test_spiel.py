@@ -80,6 +80,35 @@ def test_first_selection_is_brute_force_top_k_of_accumulated_gradient():
     assert all(abs(captured["g"].abs().reshape(-1)[i] - kth) < 1e-6 for i in differ)
 
 
+def test_input_normalized_growth_is_brute_force_top_k_of_gradient_over_feature_norm():
+    """growth_score='input_normalized', S = 1: the new mask is the top-k of |G_ij| / ‖x_j‖ of one step."""
+    model, optimizer = make(window_steps=1, growth_score="input_normalized")
+    layer = spiel_layers(model)[0]
+    base = layer.get_base_layer()
+    base.weight.requires_grad_(True)
+    inputs = []
+    hook = layer.register_forward_hook(lambda module, args, out: inputs.append(args[0].detach().clone()))
+    model.train()
+    begin_step(model, 1, ScheduleContext())
+    model(INPUT, labels=INPUT).loss.backward()
+    hook.remove()
+    x = inputs[0].reshape(-1, layer.in_features)
+    score = (base.weight.grad.abs() / x.square().sum(0).sqrt()).reshape(-1)
+    base.weight.requires_grad_(False)
+    base.weight.grad = None
+    optimizer.step()
+    optimizer.zero_grad()
+    assert refresh_masks(model, 1, optimizer, ScheduleContext()) > 0
+    k = layer.indices["default"].numel()
+    brute = torch.topk(score, k)
+    differ = set(layer.indices["default"].tolist()) ^ set(brute.indices.tolist())
+    assert all(abs(score[i] - brute.values[-1]) < 1e-6 * brute.values[0] for i in differ)
+    gradient_model, _ = make(window_steps=1)  # the plain gradient's criterion picks another set on the same step
+    run(gradient_model, torch.optim.AdamW([p for p in gradient_model.parameters() if p.requires_grad]), 1)
+    plain = set(spiel_layers(gradient_model)[0].indices["default"].tolist())
+    assert plain != set(layer.indices["default"].tolist())
+
+
 def test_regrowth_moves_the_scheduled_fraction_and_keeps_indices_unique():
     model, optimizer = make()
     layer = spiel_layers(model)[0]

@@ -57,6 +57,7 @@ class SpielConfig(SparseConfig):
         "reselection_rate_policy": ("linear", "cosine"),
         "initial_selection": ("window", "random", "calibration"),
         "grown_moments": ("reseed", "zero"),
+        "growth_score": ("gradient", "input_normalized"),
     }
     needs_one_of: ClassVar[tuple[str, ...]] = ("density", "r")
 
@@ -83,6 +84,14 @@ class SpielConfig(SparseConfig):
         metadata={
             "help": "Adam moments of grown slots: 'reseed' from the window's gradient statistics (the reference's), "
             "or 'zero' (the slot's first step is then a bias-corrected fraction of a full one)."
+        },
+    )
+
+    growth_score: Literal["gradient", "input_normalized"] = field(
+        default="gradient",
+        metadata={
+            "help": "Growth criterion of SpIEL-AG: 'gradient' |ΣG| (the paper's) or 'input_normalized' |ΣG_ij|/‖x_j‖ "
+            "(the gradient over the square root of the entry's Gauss-Newton curvature)."
         },
     )
 

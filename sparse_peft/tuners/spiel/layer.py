@@ -24,8 +24,9 @@ class Window:
     """Statistics of one open selection window (SpIEL-AG), all float32 and sized k.
 
     ``candidates``: flat positions nominated on the window's first micro-batch; ``sum_g`` / ``sum_g2``: per
-    optimizer step gradient ``G_t`` at the candidates summed over the window (``Σ G_t``, ``Σ G_t²``); ``pending``:
-    the current step's micro-batch contributions, all-reduced across processes at the step's end.
+    optimizer step gradient ``G_t`` at the candidates summed over the window (``Σ G_t``, ``Σ G_t²``); ``x_sq``: the
+    squared norm of each input feature over the window's tokens (``Σ x_j²``, for ``growth_score="input_normalized"``);
+    ``pending``: the current step's micro-batch contributions, all-reduced across processes at the step's end.
     """
 
     candidates: Optional[torch.Tensor] = None
@@ -34,6 +35,8 @@ class Window:
     sum_g2: Optional[torch.Tensor] = None
     pending: Optional[torch.Tensor] = None
     pending_active: Optional[torch.Tensor] = None
+    x_sq: Optional[torch.Tensor] = None
+    pending_x_sq: Optional[torch.Tensor] = None
     steps: int = 0
     group: Any = field(default=None, repr=False)
 
@@ -41,16 +44,34 @@ class Window:
         """The committed statistics (checkpoint side file): candidates, ``Σ G``, ``Σ G²`` and ``steps``."""
         if self.candidates is None:
             return {}
-        sums = {"sum_g": self.sum_g.detach(), "sum_g2": self.sum_g2.detach()}
+        sums = {"sum_g": self.sum_g.detach(), "sum_g2": self.sum_g2.detach(), "x_sq": self.x_sq.detach()}
         return {"candidates": self.candidates.detach(), **sums, "steps": torch.tensor(self.steps)}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], shape: tuple[int, int], index: torch.Tensor) -> Window:
         """The window of :meth:`to_tensors`, on ``index``'s device, candidates in ``index``'s dtype."""
         candidates = tensors["candidates"].to(device=index.device, dtype=index.dtype)
-        sums = {key: tensors[key].to(device=index.device, dtype=torch.float32).clone() for key in ("sum_g", "sum_g2")}
+        keys = ("sum_g", "sum_g2", "x_sq")
+        sums = {
+            key: tensors[key].to(device=index.device, dtype=torch.float32).clone() for key in keys if key in tensors
+        }
         pattern = SparsePattern.build(candidates, shape)
         return cls(candidates=candidates, pattern=pattern, **sums, steps=int(tensors["steps"]))
+
+
+def growth_score(gradient: torch.Tensor, x_sq: Optional[torch.Tensor], kind: str) -> torch.Tensor:
+    """How much a position should grow: ``|G|`` (``"gradient"``, the paper's) or ``|G_ij| / ‖x_j‖``
+    (``"input_normalized"``).
+
+    ``gradient`` is dense ``(out, in)`` (then ``x_sq`` has ``in`` entries) or flat at candidates (then ``x_sq`` is
+    gathered at their columns). ``|G_ij|/‖x_j‖`` divides the first-order gain of moving ``W_ij`` by the square root of
+    the Gauss-Newton curvature of that entry, ``Σ_t x_tj²`` up to the output's factor: Adam moves every entry by
+    about the learning rate, so an entry on a large-activation input feature changes the outputs, and overshoots,
+    by as much more as its feature is larger.
+    """
+    if kind == "gradient" or x_sq is None:
+        return gradient.abs()
+    return gradient.abs() / x_sq.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
 
 
 class SpielLinear(SparseDeltaLinear):
@@ -184,15 +205,22 @@ class SpielLinear(SparseDeltaLinear):
             if window.group is not None:
                 dist.all_reduce(dense, group=window.group)
             k = self.values[adapter_name].numel()
-            window.candidates = topk_positions(dense.abs(), k, seed=self.adapter_configs[adapter_name].seed)
+            config = self.adapter_configs[adapter_name]
+            x_sq = xf.square().sum(0)
+            if window.group is not None:
+                dist.all_reduce(x_sq, group=window.group)
+            window.candidates = topk_positions(growth_score(dense, x_sq, config.growth_score), k, seed=config.seed)
             del dense
             window.pattern = SparsePattern.build(window.candidates, self.shape)
             window.sum_g = torch.zeros(k, dtype=torch.float32, device=g.device)
             window.sum_g2 = torch.zeros_like(window.sum_g)
+            window.x_sq = torch.zeros(self.in_features, dtype=torch.float32, device=g.device)
         if window.pending is None:
             window.pending = torch.zeros_like(window.sum_g)
             window.pending_active = torch.zeros(self.values[adapter_name].numel(), device=g.device)
+            window.pending_x_sq = torch.zeros_like(window.x_sq)
         window.pending += window.pattern.sampled_grad(g, xf)
+        window.pending_x_sq += xf.square().sum(0)
         k = window.pending_active.numel()
         if grad_values is None:  # values frozen in this pass: compute the active entries' gradient here
             grad_values = self.pattern(adapter_name).sampled_grad(g, xf)
@@ -215,7 +243,7 @@ class SpielLinear(SparseDeltaLinear):
             return
         group = getattr(context, "group", None)
         if group is not None:
-            for tensor in (window.pending, window.pending_active):
+            for tensor in (window.pending, window.pending_active, window.pending_x_sq):
                 dist.all_reduce(tensor, group=group)
                 tensor /= dist.get_world_size(group)
         scale = 1.0
@@ -226,8 +254,9 @@ class SpielLinear(SparseDeltaLinear):
         window.pending *= scale
         window.sum_g += window.pending
         window.sum_g2 += window.pending.square()
+        window.x_sq += window.pending_x_sq
         window.steps += 1
-        window.pending = window.pending_active = None
+        window.pending = window.pending_active = window.pending_x_sq = None
 
     def on_step_end(self, adapter_name: str, step: int, optimizer=None, context=None) -> int:
         config = self.adapter_configs[adapter_name]
@@ -252,11 +281,16 @@ class SpielLinear(SparseDeltaLinear):
             return 0
         values, indices = self.values[adapter_name], self.indices[adapter_name]
         n = int(values.numel() * rate)
-        slots, positions = plan_drop_and_grow(values, indices, window.candidates, window.sum_g.abs(), n)
+        config: SpielConfig = self.adapter_configs[adapter_name]
+        columns = window.candidates.long() % self.in_features
+        scores = growth_score(
+            window.sum_g, window.x_sq[columns] if window.x_sq is not None else None, config.growth_score
+        )
+        slots, positions = plan_drop_and_grow(values, indices, window.candidates, scores, n)
         if slots.numel() == 0:
             return 0
         reseed = None
-        if self.adapter_configs[adapter_name].grown_moments == "reseed":
+        if config.grown_moments == "reseed":
             where = torch.searchsorted(window.candidates.long(), positions.long())  # candidates are sorted
             mean_g, mean_g2 = window.sum_g[where] / window.steps, window.sum_g2[where] / window.steps
             reseed = self._reseed(values, optimizer, mean_g, mean_g2)
