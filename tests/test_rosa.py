@@ -134,6 +134,31 @@ def test_collected_statistic_is_the_dense_gradient_and_mask_its_top_k(score):
     assert not layer._windows  # the dense accumulator is gone after selection
 
 
+def test_collection_window_holds_one_weight_sized_buffer_per_layer_in_one_process():
+    """After the first collected step, later micro-batches are added to the total in place (no second (out, in)
+    buffer per layer), and the total is the sum over the steps."""
+    model, optimizer = make(schedule="default", mask_score="mean", window_steps=3)
+    layer = rosa_layers(model)[0]
+    weight = layer.get_base_layer().weight
+    context = ScheduleContext()
+    model.train()
+    grads = []
+    for step in (1, 2):
+        begin_step(model, step, context)
+        weight.requires_grad_(True)
+        model(INPUT, labels=INPUT).loss.backward()
+        grads.append(weight.grad.detach().clone())
+        weight.grad = None
+        window = layer._windows["default"]
+        assert (window.pending is None) == (step == 2)  # the first step's sum becomes the total
+        before_optimizer_step(model, context)
+        optimizer.step()
+        optimizer.zero_grad()
+        assert refresh_masks(model, step, optimizer, context) == 0
+    assert window.steps == 2 and window.count == 2
+    assert torch.allclose(window.total, grads[0] + grads[1], rtol=1e-5, atol=1e-10)
+
+
 def test_wl_schedule_trains_exactly_what_it_promises():
     """wl2 with G=1: steps 1-2 LoRA only, step 3 LoRA + collection, mask chosen after step 3, then LoRA + sparse."""
     model, optimizer = make(weight_decay=0.1)

@@ -298,16 +298,26 @@ class RosaLinear(SparseDeltaLinear):
             grad = grad_out.float().t() @ x.float()  # transient (out x in), one layer at a time
         if config.stats_device is not None:
             grad = grad.to(config.stats_device)
-        if window.pending is None:
+        if window.group is None and window.total is not None:
+            window.total.add_(grad)  # one process: fold in place, no second weight-sized buffer per layer
+        elif window.pending is None:
             window.pending = grad
         else:
             window.pending += grad
         window.pending_count += 1
 
     def _commit(self, adapter_name: str, window: GradientWindow, group: Any) -> None:
-        """All-reduce this step's sums over the ranks and fold them into the window (every rank holds the total)."""
+        """All-reduce this step's sums over the ranks and fold them into the window (every rank holds the total).
+
+        In one process the micro-batches after the first step were already added to the total in place, so the
+        window holds one ``(out, in)`` float32 buffer per layer instead of two."""
         device = self.values[adapter_name].device
         pending = window.pending
+        if pending is None and group is None:  # folded into the total as it came (or nothing was seen)
+            window.count += window.pending_count
+            window.steps += 1
+            window.pending_count = 0.0
+            return
         if pending is None:
             pending = torch.zeros(self.shape, dtype=torch.float32, device=device)
         count = torch.tensor([window.pending_count], dtype=torch.float64, device=device)
