@@ -161,8 +161,11 @@ def test_layer_uses_the_fused_path_in_training_and_both_paths_agree(base_model, 
     monkeypatch.setattr(delta_mod.FusedSparseLinear, "apply", lambda *a: calls.append(1) or original(*a))
     model.train()
     trained = model(INPUT).logits
+    trained.sum().backward()
     n_layers = sum(isinstance(m, LiftLinear) for m in model.modules())
     assert len(calls) == n_layers
+    patterns = [m.pattern("default") for m in model.modules() if isinstance(m, LiftLinear)]
+    assert not any("_transposed_layout" in vars(p) for p in patterns)  # training never builds the ΔWᵀ layout
     calls.clear()
     model.eval()
     with torch.no_grad():
