@@ -109,6 +109,21 @@ def test_input_normalized_growth_is_brute_force_top_k_of_gradient_over_feature_n
     assert plain != set(layer.indices["default"].tolist())
 
 
+def test_random_growth_is_seeded_and_differs_from_the_gradient_criterion():
+    """growth_score='random' (SET's regrowth, a control): the same seed grows the same entries; the gradient
+    criterion grows others from the same state."""
+    masks = {}
+    for label, score in (("a", "random"), ("b", "random"), ("gradient", "gradient")):
+        torch.manual_seed(0)
+        model, optimizer = make(growth_score=score, initial_selection="random")
+        run(model, optimizer, 2, total=100)  # the selection after step S = 2 replaces ζ(2)·k slots
+        masks[label] = spiel_layers(model)[0].indices["default"].clone()
+    start = spiel_layers(make()[0])[0].indices["default"]
+    assert not torch.equal(masks["a"], start)
+    assert torch.equal(masks["a"], masks["b"])
+    assert not torch.equal(masks["a"], masks["gradient"])
+
+
 def test_regrowth_moves_the_scheduled_fraction_and_keeps_indices_unique():
     model, optimizer = make()
     layer = spiel_layers(model)[0]

@@ -57,7 +57,7 @@ class SpielConfig(SparseConfig):
         "reselection_rate_policy": ("linear", "cosine"),
         "initial_selection": ("window", "random", "calibration"),
         "grown_moments": ("reseed", "zero"),
-        "growth_score": ("gradient", "input_normalized"),
+        "growth_score": ("gradient", "input_normalized", "random"),
     }
     needs_one_of: ClassVar[tuple[str, ...]] = ("density", "r")
 
@@ -90,8 +90,9 @@ class SpielConfig(SparseConfig):
     growth_score: Literal["gradient", "input_normalized"] = field(
         default="gradient",
         metadata={
-            "help": "Growth criterion of SpIEL-AG: 'gradient' |ΣG| (the paper's) or 'input_normalized' |ΣG_ij|/‖x_j‖ "
-            "(the gradient over the square root of the entry's Gauss-Newton curvature)."
+            "help": "Growth criterion of SpIEL-AG: 'gradient' |ΣG| (the paper's), 'input_normalized' |ΣG_ij|/‖x_j‖ "
+            "(the gradient over the square root of the entry's Gauss-Newton curvature) or 'random' (SET's random "
+            "regrowth, a control)."
         },
     )
 

@@ -172,6 +172,11 @@ class SpielLinear(SparseDeltaLinear):
     def _total(self, config: SpielConfig, context: Any) -> int:
         return config.total_steps or getattr(context, "total_steps", 0) or 0
 
+    def _selections(self, adapter_name: str) -> int:
+        """A per-window number for seeding random growth: the sum of the current indices (changes at every
+        selection, equal on every rank)."""
+        return int(self.indices[adapter_name].long().sum().item()) % (2**31)
+
     def collecting(self, config: SpielConfig, step: int, total: int) -> bool:
         return (step - 1) % config.reselection_steps < config.window_steps and (not total or step <= total)
 
@@ -209,7 +214,11 @@ class SpielLinear(SparseDeltaLinear):
             x_sq = xf.square().sum(0)
             if window.group is not None:
                 dist.all_reduce(x_sq, group=window.group)
-            window.candidates = topk_positions(growth_score(dense, x_sq, config.growth_score), k, seed=config.seed)
+            if config.growth_score == "random":  # SET's regrowth: uniform random candidates and scores
+                score = random_score(self.shape, self.module_seed(config.seed) + self._selections(adapter_name))
+            else:
+                score = growth_score(dense, x_sq, config.growth_score)
+            window.candidates = topk_positions(score, k, seed=config.seed)
             del dense
             window.pattern = SparsePattern.build(window.candidates, self.shape)
             window.sum_g = torch.zeros(k, dtype=torch.float32, device=g.device)
@@ -283,9 +292,12 @@ class SpielLinear(SparseDeltaLinear):
         n = int(values.numel() * rate)
         config: SpielConfig = self.adapter_configs[adapter_name]
         columns = window.candidates.long() % self.in_features
-        scores = growth_score(
-            window.sum_g, window.x_sq[columns] if window.x_sq is not None else None, config.growth_score
-        )
+        if config.growth_score == "random":
+            scores = random_score((window.candidates.numel(),), self.module_seed(config.seed) + window.steps)
+        else:
+            scores = growth_score(
+                window.sum_g, window.x_sq[columns] if window.x_sq is not None else None, config.growth_score
+            )
         slots, positions = plan_drop_and_grow(values, indices, window.candidates, scores, n)
         if slots.numel() == 0:
             return 0
