@@ -68,10 +68,18 @@ MAIN_JOB: dict[str, MainJob] = {
         evidence="LoRA's budget at rank 16; refresh every 40 of 100 steps; 54% = LoRA (benchmarks/results/2026-12-02)",
     ),
     "spiel": MainJob(
-        {"r": 16, "density": None, "reselection_steps": 20, "window_steps": 5},
+        {
+            "r": 16,
+            "density": None,
+            "reselection_steps": 20,
+            "window_steps": 5,
+            "initial_selection": "random",
+            "growth_score": "input_normalized",
+        },
         lr=1e-3,
-        evidence="LoRA's budget at rank 16; lr 1e-3: 37% (2026-12-02 main job), 3e-4: 23% "
-        "(benchmarks/results/sweeps/spiel)",
+        evidence="LoRA's budget at rank 16; benchmarks/results/sweeps/spiel: the reference schedule (random start "
+        "replaced at step 5, growth by |ΣG|) 37% at lr 1e-3 (3e-4: 23%, 2e-3: 14%); random start kept and growth by "
+        "|ΣG_ij|/‖x_j‖ 48% (ζ₀ 0.1: 48%); random growth (the control) 55%, a static random mask 56%",
     ),
     "rosa": MainJob(
         {"r": 8, "lora_alpha": 16, "density": 0.02, "schedule": "wl20", "window_steps": 4},
