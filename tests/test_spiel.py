@@ -365,3 +365,18 @@ def test_sft_trainer_callback_calibrates_the_initial_selection(tmp_path):
     for layer, old in zip(spiel_layers(trainer.model), before, strict=True):
         assert not layer.uncalibrated and "default" in layer.keeps_initial
         assert not torch.equal(layer.indices["default"], old)
+
+
+def test_window_saved_without_feature_norms_resumes_with_equal_weights():
+    """A checkpoint side file written before windows kept Σx_j² loads with every feature weighing the same."""
+    from sparse_peft.tuners.spiel.layer import Window
+
+    model, optimizer = make(growth_score="input_normalized")
+    run(model, optimizer, 1, total=100)  # inside the first window
+    layer = spiel_layers(model)[0]
+    tensors = layer.export_state("default")
+    assert "x_sq" in tensors and tensors["x_sq"].shape == (layer.in_features,) and bool((tensors["x_sq"] > 0).all())
+    old = {key: value for key, value in tensors.items() if key != "x_sq"}
+    window = Window.from_tensors(old, layer.shape, layer.indices["default"])
+    assert torch.equal(window.x_sq, torch.ones(layer.in_features))
+    assert "x_sq" in window.to_tensors()

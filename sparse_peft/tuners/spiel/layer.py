@@ -44,7 +44,9 @@ class Window:
         """The committed statistics (checkpoint side file): candidates, ``Σ G``, ``Σ G²`` and ``steps``."""
         if self.candidates is None:
             return {}
-        sums = {"sum_g": self.sum_g.detach(), "sum_g2": self.sum_g2.detach(), "x_sq": self.x_sq.detach()}
+        sums = {"sum_g": self.sum_g.detach(), "sum_g2": self.sum_g2.detach()}
+        if self.x_sq is not None:
+            sums["x_sq"] = self.x_sq.detach()
         return {"candidates": self.candidates.detach(), **sums, "steps": torch.tensor(self.steps)}
 
     @classmethod
@@ -55,6 +57,8 @@ class Window:
         sums = {
             key: tensors[key].to(device=index.device, dtype=torch.float32).clone() for key in keys if key in tensors
         }
+        if "x_sq" not in sums:  # a window saved before the feature norms were kept: all features weigh the same
+            sums["x_sq"] = torch.ones(shape[1], dtype=torch.float32, device=index.device)
         pattern = SparsePattern.build(candidates, shape)
         return cls(candidates=candidates, pattern=pattern, **sums, steps=int(tensors["steps"]))
 
