@@ -211,16 +211,16 @@ def test_attach_memory_and_memory_table():
     for column in ("at batch 8 MiB", "at batch 16 MiB", "growth 8→16 MiB", "growth vs LoRA", "optimizer state MiB"):
         assert column in header
     lora = next(line for line in text.splitlines() if line.startswith("| lora |"))
-    # 1800 → 3400 MiB: 1600 MiB growth, 200 MiB at batch 0; 37 MiB optimizer state, 19 MiB adapter
-    assert lora == "| lora | 1,800.0 | 1.00x | 3,400.0 | 1.00x | 1,600.0 | 1.00x | 200.0 | 37.0 | 19.0 |"
+    # 1800 → 3400 MiB: 1600 MiB growth; 37 MiB optimizer state, 19 MiB adapter
+    assert lora == "| lora | 1,800.0 | 1.00x | 3,400.0 | 1.00x | 1,600.0 | 1.00x | 37.0 | 19.0 |"
     spiel = next(line for line in text.splitlines() if line.startswith("| spiel |"))
-    assert "| 800.0 | 0.50x | 1,400.0 |" in spiel  # grows half as much as LoRA; more fixed state
+    assert "| 800.0 | 0.50x | 37.0 |" in spiel  # grows half as much as LoRA
     assert "shira" not in text and "#seed" not in text  # no memory run: not in the memory table
 
 
 def test_memory_table_reads_json_keys_and_is_empty_with_one_batch():
     rows = {"lora": summary("lora", memory_above_frozen_bytes_at_batch={"8": 10 * MiB, "16": 20 * MiB})}
-    assert "| lora | 10.0 | 1.00x | 20.0 | 1.00x | 10.0 | 1.00x | 0.0 |" in run.memory_table(rows)
+    assert "| lora | 10.0 | 1.00x | 20.0 | 1.00x | 10.0 | 1.00x | 37.0 |" in run.memory_table(rows)
     assert run.memory_table({"lora": summary("lora", memory_above_frozen_bytes_at_batch={8: 1})}) == ""
     assert run.memory_table(synthetic_rows()) == ""
 
