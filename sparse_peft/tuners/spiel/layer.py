@@ -73,9 +73,10 @@ def growth_score(gradient: torch.Tensor, x_sq: Optional[torch.Tensor], kind: str
     about the learning rate, so an entry on a large-activation input feature changes the outputs, and overshoots,
     by as much more as its feature is larger.
     """
+    score = gradient_score(gradient)
     if kind == "gradient" or x_sq is None:
-        return gradient.abs()
-    return gradient.abs() / x_sq.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
+        return score
+    return score / x_sq.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
 
 
 class SpielLinear(SparseDeltaLinear):
@@ -209,35 +210,45 @@ class SpielLinear(SparseDeltaLinear):
         """Accumulate this micro-batch's weight gradient at the window's candidates (fp32)."""
         window = self._windows[adapter_name]
         g, xf = grad_out.float(), x.float()
+        config: SpielConfig = self.adapter_configs[adapter_name]
         if window.candidates is None:
-            dense = g.t() @ xf  # transient (out x in), once per window and layer: nominates the candidates
-            if window.group is not None:
-                dist.all_reduce(dense, group=window.group)
-            k = self.values[adapter_name].numel()
-            config = self.adapter_configs[adapter_name]
-            x_sq = xf.square().sum(0)
-            if window.group is not None:
-                dist.all_reduce(x_sq, group=window.group)
-            if config.growth_score == "random":  # SET's regrowth: uniform random candidates and scores
-                score = random_score(self.shape, self.module_seed(config.seed) + self._selections(adapter_name))
-            else:
-                score = growth_score(dense, x_sq, config.growth_score)
-            window.candidates = topk_positions(score, k, seed=config.seed)
-            del dense
-            window.pattern = SparsePattern.build(window.candidates, self.shape)
-            window.sum_g = torch.zeros(k, dtype=torch.float32, device=g.device)
-            window.sum_g2 = torch.zeros_like(window.sum_g)
-            window.x_sq = torch.zeros(self.in_features, dtype=torch.float32, device=g.device)
+            self._nominate(adapter_name, window, g, xf)
         if window.pending is None:
             window.pending = torch.zeros_like(window.sum_g)
             window.pending_active = torch.zeros(self.values[adapter_name].numel(), device=g.device)
-            window.pending_x_sq = torch.zeros_like(window.x_sq)
+            if config.growth_score == "input_normalized":
+                window.pending_x_sq = torch.zeros_like(window.x_sq)
         window.pending += window.pattern.sampled_grad(g, xf)
-        window.pending_x_sq += xf.square().sum(0)
+        if window.pending_x_sq is not None:
+            window.pending_x_sq += xf.square().sum(0)
         k = window.pending_active.numel()
         if grad_values is None:  # values frozen in this pass: compute the active entries' gradient here
             grad_values = self.pattern(adapter_name).sampled_grad(g, xf)
         window.pending_active += grad_values[:k].float()
+
+    def _nominate(self, adapter_name: str, window: Window, g: torch.Tensor, xf: torch.Tensor) -> None:
+        """The window's ``k`` candidates, from its first micro-batch: the top-``k`` of :func:`growth_score` over the
+        dense ``gᵀx`` (a transient ``(out, in)``, once per window and layer, all-reduced under DDP), or seeded
+        random positions for ``growth_score="random"`` (no dense product)."""
+        config: SpielConfig = self.adapter_configs[adapter_name]
+        k = self.values[adapter_name].numel()
+        if config.growth_score == "random":  # SET's regrowth: uniform random candidates and scores
+            score = random_score(self.shape, self.module_seed(config.seed) + self._selections(adapter_name))
+        else:
+            score = g.t() @ xf
+            x_sq = None
+            if config.growth_score == "input_normalized":
+                x_sq = xf.square().sum(0)
+                window.x_sq = torch.zeros_like(x_sq)
+            for tensor in (score, x_sq):
+                if window.group is not None and tensor is not None:
+                    dist.all_reduce(tensor, group=window.group)
+            score = growth_score(score, x_sq, config.growth_score)
+        window.candidates = topk_positions(score, k, seed=config.seed)
+        del score
+        window.pattern = SparsePattern.build(window.candidates, self.shape)
+        window.sum_g = torch.zeros(k, dtype=torch.float32, device=g.device)
+        window.sum_g2 = torch.zeros_like(window.sum_g)
 
     def on_pre_optimizer_step(self, adapter_name: str, context: Any = None) -> None:
         """Commit this step's statistics on the scale of the gradient the optimizer will use (after clipping)."""
@@ -257,6 +268,8 @@ class SpielLinear(SparseDeltaLinear):
         group = getattr(context, "group", None)
         if group is not None:
             for tensor in (window.pending, window.pending_active, window.pending_x_sq):
+                if tensor is None:
+                    continue
                 dist.all_reduce(tensor, group=group)
                 tensor /= dist.get_world_size(group)
         scale = 1.0
@@ -267,7 +280,8 @@ class SpielLinear(SparseDeltaLinear):
         window.pending *= scale
         window.sum_g += window.pending
         window.sum_g2 += window.pending.square()
-        window.x_sq += window.pending_x_sq
+        if window.pending_x_sq is not None:
+            window.x_sq += window.pending_x_sq
         window.steps += 1
         window.pending = window.pending_active = window.pending_x_sq = None
 
