@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 import torch
@@ -17,6 +20,9 @@ torch.set_num_threads(1)
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import sparse_peft  # noqa: E402,F401  (registers the methods before any test builds a config)
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,6 +92,30 @@ def char_tokenizer():
 
 SFT_TEXTS = ["hello world", "sparse diffs", "abc def", "one two"]
 
+#: What every trainer run of the tests shares: on the CPU in float32, no reports, saves or progress bars, a batch of
+#: two sequences of at most 32 tokens. :func:`cpu_args` passes only the keys a config class has (``max_length`` is
+#: TRL's, not ``TrainingArguments``'s).
+CPU_DEFAULTS: dict[str, Any] = {
+    "per_device_train_batch_size": 2,
+    "report_to": [],
+    "save_strategy": "no",
+    "max_length": 32,
+    "use_cpu": True,
+    "bf16": False,
+    "fp16": False,
+    "disable_tqdm": True,
+}
+
+ArgsT = TypeVar("ArgsT", bound="TrainingArguments")
+
+
+def cpu_args(config_class: type[ArgsT], output_dir: str | os.PathLike, **overrides: Any) -> ArgsT:
+    """``config_class`` (``TrainingArguments``, TRL's ``SFTConfig``, ``DPOConfig`` ...) with :data:`CPU_DEFAULTS`
+    (the keys it accepts), ``output_dir`` and ``overrides``, which win over the defaults and are all passed on."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    defaults = {key: copy.deepcopy(value) for key, value in CPU_DEFAULTS.items() if key in fields}
+    return config_class(**{**defaults, "output_dir": str(output_dir), **overrides})
+
 
 def sft_trainer(model, output_dir, callbacks=(), texts=SFT_TEXTS, **overrides):
     """A TRL ``SFTTrainer`` over the tiny model on a few character-level texts, on the CPU (no saving, no reports);
@@ -93,14 +123,9 @@ def sft_trainer(model, output_dir, callbacks=(), texts=SFT_TEXTS, **overrides):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    settings = dict(
-        output_dir=str(output_dir), max_steps=1, per_device_train_batch_size=2, report_to=[], save_strategy="no",
-        max_length=32, use_cpu=True, bf16=False, fp16=False, disable_tqdm=True,
-    )  # fmt: skip
-    settings.update(overrides)
     return SFTTrainer(
         model=model,
-        args=SFTConfig(**settings),
+        args=cpu_args(SFTConfig, output_dir, **{"max_steps": 1, **overrides}),
         processing_class=char_tokenizer(),
         train_dataset=Dataset.from_dict({"text": list(texts)}),
         callbacks=list(callbacks),
@@ -133,24 +158,18 @@ def run_sft(base_dir, out, max_steps=4, resume=None, save_steps=2, checkpointing
     from sparse_peft import LiftConfig, SparsePeftCallback
 
     tokenizer = char_tokenizer()
-    args = SFTConfig(
-        output_dir=str(out),
+    args = cpu_args(
+        SFTConfig,
+        out,
         max_steps=max_steps,
-        per_device_train_batch_size=2,
         learning_rate=2e-2,
         logging_steps=1,
-        report_to=[],
         save_strategy="steps",
         save_steps=save_steps,
-        max_length=32,
-        use_cpu=True,
         dataset_num_proc=None,
         seed=0,
         data_seed=0,
-        bf16=False,
-        fp16=False,
         activation_checkpointing=checkpointing,
-        disable_tqdm=True,
     )
     trainer = SFTTrainer(
         model=str(base_dir),

@@ -17,7 +17,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import char_tokenizer, tiny_llama
+from conftest import char_tokenizer, cpu_args, tiny_llama
 from method_configs import ddp_config
 from trl import SFTConfig, SFTTrainer
 
@@ -28,19 +28,15 @@ STEPS = 6
 
 
 def sft_args(out: str, name: str, rank: int, steps: int = STEPS) -> SFTConfig:
-    return SFTConfig(
-        output_dir=os.path.join(out, f"trainer-{name}-{rank}"),
+    return cpu_args(
+        SFTConfig,
+        os.path.join(out, f"trainer-{name}-{rank}"),
         max_steps=steps,
-        per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
         learning_rate=2e-2,
-        report_to=[],
-        save_strategy="no",
-        max_length=32,
-        use_cpu=True,
         seed=0,
         activation_checkpointing=False,
-        disable_tqdm=True,
+        bf16=None,  # TRL's default, i.e. bf16 on (not fp16), as these runs have always had
     )
 
 

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import INPUT, char_tokenizer, tiny_llama
+from conftest import INPUT, char_tokenizer, cpu_args, tiny_llama
 from method_configs import prepare_base, tiny_config
 from trl import SFTConfig, SFTTrainer
 
@@ -88,21 +88,14 @@ def sft_args(out: str, name: str, sharded: bool) -> SFTConfig:
     fsdp: dict[str, Any] = {}
     if sharded:
         fsdp = {"fsdp": True, "fsdp_config": dict(FSDP_CONFIG), "accelerator_config": {"use_configured_state": True}}
-    return SFTConfig(
-        output_dir=os.path.join(out, f"trainer-{name}"),
+    return cpu_args(
+        SFTConfig,
+        os.path.join(out, f"trainer-{name}"),
         max_steps=STEPS,
-        per_device_train_batch_size=2,
         learning_rate=2e-2,
         logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        max_length=32,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
         seed=0,
         activation_checkpointing=False,
-        disable_tqdm=True,
         **fsdp,
     )
 

@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import INPUT, char_tokenizer, tiny_llama
+from conftest import INPUT, char_tokenizer, cpu_args, tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -232,19 +232,12 @@ def test_sft_trainer_penalty_and_projection(tmp_path):
             if state.global_step == 1:
                 seen["log_alpha"] = layer.log_alpha["default"].detach().clone()
 
-    args = SFTConfig(
-        output_dir=str(tmp_path / "out"),
+    args = cpu_args(
+        SFTConfig,
+        tmp_path / "out",
         max_steps=3,
-        per_device_train_batch_size=2,
         learning_rate=1e-2,
-        report_to=[],
-        save_strategy="no",
-        max_length=32,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
         activation_checkpointing=False,
-        disable_tqdm=True,
         lr_scheduler_type="constant",
         weight_decay=0.0,
     )
@@ -332,10 +325,7 @@ def test_trainer_without_the_gate_group_warns(tmp_path):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(
-        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, report_to=[],
-        save_strategy="no", max_length=32, use_cpu=True, bf16=False, fp16=False, disable_tqdm=True,
-    )  # fmt: skip
+    args = cpu_args(SFTConfig, tmp_path / "out", max_steps=1)
     base = tmp_path / "base"
     tiny_llama().save_pretrained(base)
     trainer = SFTTrainer(

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import char_tokenizer
+from conftest import char_tokenizer, cpu_args
 from helpers_tasks import tiny_chat_model
 from method_configs import TINY_CONFIGS, tiny_config
 from peft import get_peft_model
@@ -20,18 +20,14 @@ from sparse_peft.tasks import preference_task
 
 def dpo_first_loss(tmp_path, model, peft_config=None, callbacks=None) -> float:
     train, _ = preference_task(n_train=4, n_eval=0)
-    args = DPOConfig(
-        output_dir=str(tmp_path),
+    args = cpu_args(
+        DPOConfig,
+        tmp_path,
         max_steps=1,
         per_device_train_batch_size=4,
         learning_rate=1e-3,
         logging_steps=1,
-        report_to=[],
-        save_strategy="no",
         max_length=256,
-        use_cpu=True,
-        bf16=False,
-        disable_tqdm=True,
         activation_checkpointing=False,
     )
     trainer = DPOTrainer(

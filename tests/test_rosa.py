@@ -372,7 +372,7 @@ def test_config_errors(kwargs, match):
 def test_sft_trainer_with_param_groups_and_resume_inside_the_collection_window(tmp_path):
     """SFTTrainer + SparsePeftCallback + ``optimizers=`` with two learning rates; a checkpoint taken while statistics
     are open (wl1, G=2, checkpoint after step 2) resumes to the same mask, values and losses."""
-    from conftest import char_tokenizer
+    from conftest import char_tokenizer, cpu_args
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -381,22 +381,19 @@ def test_sft_trainer_with_param_groups_and_resume_inside_the_collection_window(t
     def run(out, resume=None):
         model = get_peft_model(tiny_llama(), RosaConfig(r=2, density=0.05, schedule="wl1", window_steps=2))
         optimizer = torch.optim.AdamW(rosa_param_groups(model, lr=2e-2, sparse_lr=1e-2))
-        args = SFTConfig(
-            output_dir=str(out),
+        args = cpu_args(
+            SFTConfig,
+            out,
             max_steps=5,
-            per_device_train_batch_size=2,
             gradient_accumulation_steps=2,
             learning_rate=2e-2,
             logging_steps=1,
-            report_to=[],
             save_strategy="steps",
             save_steps=2,
-            max_length=32,
-            use_cpu=True,
             dataset_num_proc=None,
             seed=0,
             data_seed=0,
-            disable_tqdm=True,
+            bf16=None,  # TRL's default, i.e. bf16 on (not fp16), as this test has always had
         )
         trainer = SFTTrainer(
             model=model,
