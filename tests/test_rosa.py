@@ -205,6 +205,34 @@ def test_spa_only_and_lora_only_schedules():
     assert losses[-1] < losses[0]
 
 
+def test_row_scope_mask_is_the_row_balanced_top_k_of_the_fisher():
+    """mask_scope='row': every row holds ⌊k/out⌋ or ⌊k/out⌋+1 entries, its best by the Fisher; the matrix-wide mask
+    from the same statistics crowds some rows."""
+    counts = {}
+    for scope in ("row", "matrix"):
+        torch.manual_seed(0)
+        model, optimizer = make(schedule="default", mask_scope=scope, density=0.1)
+        layer = rosa_layers(model)[0]
+        context = ScheduleContext()
+        model.train()
+        begin_step(model, 1, context)
+        model(INPUT, labels=INPUT).loss.backward()
+        fisher = layer._windows["default"].pending.clone()
+        before_optimizer_step(model, context)
+        optimizer.step()
+        optimizer.zero_grad()
+        assert refresh_masks(model, 1, optimizer, context) > 0
+        indices = layer.indices["default"].long()
+        k, out = indices.numel(), layer.out_features
+        counts[scope] = torch.bincount(indices // layer.in_features, minlength=out)
+        if scope == "row":
+            assert int(counts[scope].min()) == k // out and int(counts[scope].max()) == k // out + 1
+            for row in range(out):  # each row holds its own best entries by the Fisher
+                mine = indices[indices // layer.in_features == row] % layer.in_features
+                assert set(mine.tolist()) == set(fisher[row].topk(mine.numel()).indices.tolist())
+    assert int(counts["matrix"].max() - counts["matrix"].min()) > 1
+
+
 @pytest.mark.parametrize("score", ["magnitude", "random"])
 def test_statistics_free_masks_are_chosen_when_the_warmup_ends(score):
     model, optimizer = make(mask_score=score, schedule="wl1")

@@ -17,6 +17,7 @@ from sparse_peft import (
     refresh_masks,
 )
 from sparse_peft.sparse.regrow import plan_drop_and_grow
+from sparse_peft.sparse.select import topk_per_row, topk_row_balanced
 
 
 def spiel_layers(model):
@@ -215,6 +216,71 @@ def test_plan_drop_and_grow_rules():
     slots, positions = plan_drop_and_grow(values, indices, candidates, scores, 2)
     # drop slots 1 (|0|) and 2 (|0.1|); 13 is active and kept, 11 is outgoing and incoming: stays; 20 grows
     assert slots.tolist() == [2] and positions.tolist() == [20]
+
+
+def test_plan_drop_and_grow_by_row_grows_within_the_rows_that_dropped():
+    """Rows of length 10: row 1 drops two slots and row 2 one; row 1 grows its two best candidates although row 3
+    holds better ones, and row 2, with no eligible candidate, keeps its slot."""
+    values = torch.tensor([0.0, 0.01, 0.02, 0.9, 0.8])
+    indices = torch.tensor([10, 11, 20, 12, 21], dtype=torch.int32)  # rows 1, 1, 2, 1, 2
+    candidates = torch.tensor([13, 14, 15, 21, 30, 31], dtype=torch.int32)
+    scores = torch.tensor([1.0, 3.0, 2.0, 9.0, 50.0, 60.0])
+    slots, positions = plan_drop_and_grow(values, indices, candidates, scores, 3, row_length=10)
+    assert slots.tolist() == [0, 1] and sorted(positions.tolist()) == [14, 15]
+    matrix_wide = plan_drop_and_grow(values, indices, candidates, scores, 3)  # the paper's: best anywhere
+    assert sorted(matrix_wide[1].tolist()) == [14, 30, 31]
+
+
+def test_topk_per_row_is_brute_force_per_row_top_k_and_seeded_on_ties():
+    scores = torch.randn(5, 7)
+    chosen = topk_per_row(scores, 3)
+    brute = (torch.topk(scores, 3, dim=1).indices + torch.arange(5).unsqueeze(1) * 7).reshape(-1)
+    assert chosen.tolist() == sorted(brute.tolist())
+    tied = torch.zeros(4, 6)
+    assert torch.equal(topk_per_row(tied, 2, seed=1), topk_per_row(tied, 2, seed=1))
+    assert not torch.equal(topk_per_row(tied, 2, seed=1), topk_per_row(tied, 2, seed=2))
+    with pytest.raises(ValueError, match="per_row"):
+        topk_per_row(scores, 8)
+
+
+def test_topk_row_balanced_takes_exactly_k_spread_over_rows():
+    scores = torch.zeros(4, 10)
+    scores[0] = torch.arange(10.0) + 100  # row 0 holds every large score
+    scores[2, 5] = 50.0  # row 2's best entry; its next best (0) ties with the other rows'
+    chosen = topk_row_balanced(scores, 9, seed=0)
+    rows = torch.bincount(chosen.long() // 10, minlength=4)
+    assert chosen.numel() == 9 and rows.tolist() == [3, 2, 2, 2]  # ⌊9/4⌋ = 2 each, one more to row 0's 107
+    assert set(chosen[chosen < 10].tolist()) == {7, 8, 9} and 25 in chosen.tolist()
+    brute = torch.randn(7, 11)
+    for k in (3, 7, 20, 77):
+        chosen = topk_row_balanced(brute, k, seed=1).long()
+        counts = torch.bincount(chosen // 11, minlength=7)
+        assert chosen.numel() == k and int(counts.max() - counts.min()) <= 1
+        for row in range(7):  # each row holds its own best entries
+            mine = chosen[chosen // 11 == row] % 11
+            assert set(mine.tolist()) == set(brute[row].topk(mine.numel()).indices.tolist())
+    with pytest.raises(ValueError, match="k=41"):
+        topk_row_balanced(scores, 41)
+
+
+@pytest.mark.parametrize("score", ["gradient", "input_normalized"])
+def test_row_scope_growth_keeps_every_rows_count(score):
+    """growth_scope='row': after selections every row holds as many entries as the random start gave it, while the
+    mask moved; the matrix-wide growth from the same state changes row counts."""
+    counts = {}
+    for scope in ("row", "matrix"):
+        torch.manual_seed(0)
+        model, optimizer = make(growth_scope=scope, growth_score=score, initial_selection="random")
+        layer = spiel_layers(model)[0]
+        start = layer.indices["default"].clone()
+        run(model, optimizer, 6, total=100)  # selections after steps 2 and 6
+        after = layer.indices["default"]
+        assert after.unique().numel() == after.numel() and not torch.equal(torch.sort(after).values, start)
+        counts[scope] = [
+            torch.bincount(i.long() // layer.in_features, minlength=layer.out_features) for i in (start, after)
+        ]
+    assert torch.equal(*counts["row"])
+    assert not torch.equal(*counts["matrix"])
 
 
 def test_sm3_trains_scores_without_dense_gradient_and_regrows():

@@ -91,13 +91,18 @@ def plan_drop_and_grow(
     candidates: torch.Tensor,
     scores: torch.Tensor,
     n: int,
+    row_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose which slots move where (SpIEL's drop-and-grow); returns ``(slots, new_positions)``.
 
     * **Drop:** the ``n`` slots with the smallest ``|value|`` (the entries that moved least; ties by slot order).
     * **Grow:** among ``candidates`` that are not active in a kept slot, the ``n`` with the largest ``scores``
       (ties by candidate order). A dropped position that is regrown keeps its slot, value and moments.
-    * If fewer positions can grow than are dropped, only that many slots change, smallest ``|value|`` first.
+    * **Row balance** (``row_length`` = the matrix's column count): growth happens within the rows that dropped, so
+      every row keeps its count: row ``i`` grows the ``d_i`` best eligible candidates of row ``i``, ``d_i`` being its
+      number of dropped slots. Without it the whole matrix is one group.
+    * If fewer positions can grow in a group than it dropped, only that many of its slots change, smallest
+      ``|value|`` first.
 
     Everything is deterministic, so identical inputs give identical plans on every DDP rank.
     """
@@ -106,18 +111,42 @@ def plan_drop_and_grow(
     empty = torch.zeros(0, dtype=torch.long, device=indices.device)
     if n <= 0 or candidates.numel() == 0:
         return empty, empty.to(indices.dtype)
+    active = indices.long()
     drop = torch.sort(values.detach().abs().float(), stable=True).indices[:n]
     kept = torch.ones(k, dtype=torch.bool, device=indices.device)
     kept[drop] = False
-    eligible = ~torch.isin(candidates.long(), indices.long()[kept])
-    pool, pool_scores = candidates[eligible], scores[eligible].float()
-    order = torch.sort(pool_scores, descending=True, stable=True).indices[:n]
-    incoming = pool[order].long()
-    regrown = torch.isin(indices.long()[drop], incoming)  # outgoing and incoming: stays where it is
-    moving_slots = drop[~regrown]
-    fresh = incoming[~torch.isin(incoming, indices.long()[drop])]
-    count = min(moving_slots.numel(), fresh.numel())
-    return moving_slots[:count], fresh[:count].to(indices.dtype)
+    eligible = ~torch.isin(candidates.long(), active[kept])
+    pool, pool_scores = candidates[eligible].long(), scores[eligible].float()
+    pool = pool[torch.sort(pool_scores, descending=True, stable=True).indices]
+
+    def group(positions: torch.Tensor) -> torch.Tensor:
+        return positions // row_length if row_length else torch.zeros_like(positions)
+
+    groups = int(max(group(active).max(), group(pool).max() if pool.numel() else 0)) + 1
+    dropped_per_group = torch.bincount(group(active[drop]), minlength=groups)
+    incoming = first_per_group(pool, group(pool), dropped_per_group)
+    regrown = torch.isin(active[drop], incoming)  # outgoing and incoming: stays where it is
+    moving_slots = drop[~regrown]  # still in ascending |value| order
+    fresh = incoming[~torch.isin(incoming, active[drop])]
+    fresh_per_group = torch.bincount(group(fresh), minlength=groups)
+    moving_slots = first_per_group(moving_slots, group(active[moving_slots]), fresh_per_group)
+    fresh = fresh[torch.sort(group(fresh), stable=True).indices]
+    moving_slots = moving_slots[torch.sort(group(active[moving_slots]), stable=True).indices]
+    return moving_slots, fresh.to(indices.dtype)
+
+
+def first_per_group(items: torch.Tensor, groups: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The first ``counts[g]`` of ``items`` in each group ``g``, keeping their order (``groups[i]`` is item i's)."""
+    if items.numel() == 0:
+        return items
+    by_group = torch.sort(groups, stable=True).indices
+    sorted_groups = groups[by_group]
+    starts = torch.cumsum(torch.bincount(sorted_groups, minlength=counts.numel()), 0) - torch.bincount(
+        sorted_groups, minlength=counts.numel()
+    )
+    rank = torch.arange(items.numel(), device=items.device) - starts[sorted_groups]
+    chosen = by_group[rank < counts[sorted_groups]]
+    return items[torch.sort(chosen).values]
 
 
 def reset_slots(

@@ -42,6 +42,49 @@ def topk_positions(scores: torch.Tensor, k: int, seed: int = 0, exclude: torch.T
     return torch.sort(chosen).values.to(index_dtype(n))
 
 
+def topk_per_row(scores: torch.Tensor, per_row: int, seed: int = 0) -> torch.Tensor:
+    """Flat positions of the ``per_row`` largest ``scores`` in every row of a 2-D score matrix, returned sorted.
+
+    Ties within a row go by a seeded random order of the columns (one ``randperm`` of the row length from a CPU
+    generator seeded with ``seed``), so every machine and DDP rank agrees. NaN counts as ``+inf``.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"topk_per_row needs a 2-D score matrix; got shape {tuple(scores.shape)}")
+    rows, cols = scores.shape
+    if not 0 < per_row <= cols:
+        raise ValueError(f"cannot select {per_row} entries per row out of {cols}; per_row must be in [1, {cols}]")
+    order = torch.randperm(cols, generator=torch.Generator().manual_seed(seed)).to(scores.device)
+    flat = torch.nan_to_num(scores.detach().float()[:, order], nan=float("inf"))
+    columns = order[torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :per_row]]
+    positions = torch.arange(rows, device=scores.device).unsqueeze(1) * cols + columns
+    return torch.sort(positions.reshape(-1)).values.to(index_dtype(rows * cols))
+
+
+def topk_row_balanced(scores: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """Exactly ``k`` flat positions of a 2-D score matrix, as even over its rows as ``k`` allows: every row takes its
+    best ``⌊k/rows⌋`` entries, and the ``k mod rows`` rows whose next-best entry scores highest take one more, so row
+    counts differ by at most one. Sorted; ties as in :func:`topk_per_row`.
+
+    Unlike the plain top-``k``, no row can take a large share of the budget: gradient scores crowd into a few rows
+    (``benchmarks/mask_structure.py``), and those rows' outputs then move coherently under Adam's per-entry steps.
+    """
+    rows, cols = scores.shape
+    if not 0 < k <= rows * cols:
+        raise ValueError(f"cannot select k={k} entries out of {rows * cols}; k must be in [1, {rows * cols}]")
+    per_row, extra = divmod(k, rows)
+    if not extra:
+        return topk_per_row(scores, per_row, seed)
+    wide = topk_per_row(scores, per_row + 1, seed).long().reshape(rows, per_row + 1)  # sorted: row by row
+    flat = torch.nan_to_num(scores.detach().float().reshape(-1), nan=float("inf"))
+    weakest = flat[wide].argmin(dim=1)  # each row's (per_row+1)-th best entry (the first of equal ones)
+    runner_up = wide.gather(1, weakest.unsqueeze(1)).squeeze(1)
+    lucky = torch.zeros(rows, dtype=torch.bool, device=scores.device)
+    lucky[topk_positions(flat[runner_up], extra, seed=seed).long()] = True
+    keep = torch.ones_like(wide, dtype=torch.bool)
+    keep[~lucky, weakest[~lucky]] = False
+    return torch.sort(wide[keep]).values.to(index_dtype(rows * cols))
+
+
 def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
     """``|W|``."""
     return weight.detach().float().abs()

@@ -47,6 +47,9 @@ class RosaConfig(SparseConfig):
         schedule: ``"default"``, ``"wl{N}"``, ``"spa_only"`` or ``"lora_only"``.
         mask_score: ``"mean_squared"`` (mean of squared per-micro-batch gradients, an empirical diagonal Fisher),
             ``"mean"`` (``|mean gradient|``), ``"magnitude"`` (``|W|``) or ``"random"`` (seeded).
+        mask_scope: ``"matrix"`` (the paper's: the top-``k`` of the score over the whole matrix) or ``"row"`` (every
+            row gets its best ``⌊k/out⌋`` or ``⌊k/out⌋+1`` entries;
+            :func:`sparse_peft.sparse.select.topk_row_balanced`).
         window_steps: ``G``, optimizer steps of gradient collection; every micro-batch is one sample.
         mask_path: safetensors file of masks saved by :func:`sparse_peft.save_rosa_masks`; no collection.
         stats_device: where the collection-phase accumulators live (``None``: the layer's device; ``"cpu"`` keeps
@@ -54,6 +57,7 @@ class RosaConfig(SparseConfig):
     """
 
     method: ClassVar[str] = "rosa"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"mask_scope": ("matrix", "row")}
 
     r: int = field(default=8, metadata={"help": "LoRA rank; 0 trains the sparse part only."})
     lora_alpha: float = field(default=8, metadata={"help": "LoRA scale s = lora_alpha / r."})
@@ -66,6 +70,9 @@ class RosaConfig(SparseConfig):
     schedule: str = field(default="wl64", metadata={"help": "'default', 'wl{N}', 'spa_only' or 'lora_only'."})
     mask_score: Literal["mean_squared", "mean", "magnitude", "random"] = field(
         default="mean_squared", metadata={"help": "How entries are ranked for the mask."}
+    )
+    mask_scope: Literal["matrix", "row"] = field(
+        default="matrix", metadata={"help": "'matrix': top-k over the matrix; 'row': the same count in every row."}
     )
     window_steps: int = field(default=1, metadata={"help": "G: optimizer steps of gradient statistics."})
     mask_path: Optional[str] = field(default=None, metadata={"help": "Masks saved by save_rosa_masks; no collection."})

@@ -14,7 +14,7 @@ from torch import nn
 from ...sparse.delta import DeltaTerm, dense_delta, index_dtype
 from ...sparse.masks_file import read_mask
 from ...sparse.regrow import unwrap_optimizer
-from ...sparse.select import gradient_score, magnitude_score, random_score, topk_positions
+from ...sparse.select import gradient_score, magnitude_score, random_score, topk_positions, topk_row_balanced
 from ...sparse.stats import Window, calibrating, per_sample_squares
 from ..layer_base import AdapterStore
 from ..sparse_delta import SparseDeltaLinear
@@ -187,7 +187,7 @@ class RosaLinear(SparseDeltaLinear):
         batches; the values start training at step 1 (no collection steps inside training)."""
         config: RosaConfig = self.adapter_configs[adapter_name]
         scores = gradient_score(window.gradient_sq if window.gradient_sq is not None else window.gradient)
-        self.set_mask(adapter_name, topk_positions(scores, self.values[adapter_name].numel(), seed=config.seed))
+        self.set_mask(adapter_name, self._top_k(scores, self.values[adapter_name].numel(), config))
 
     def delta_term(self, adapter_name: str) -> Optional[tuple[DeltaTerm, torch.Tensor]]:
         """S trains only once its mask is chosen and the phase is ``train``; during collection the observer
@@ -266,7 +266,7 @@ class RosaLinear(SparseDeltaLinear):
             )
         scores = gradient_score(window.total)  # |mean G| or mean G²: one scale per layer, top-k is scale-free
         self._windows.pop(adapter_name)
-        positions = topk_positions(scores, self.values[adapter_name].numel(), seed=config.seed)
+        positions = self._top_k(scores, self.values[adapter_name].numel(), config)
         del scores
         self.set_mask(adapter_name, positions, optimizer)
         self._phase[adapter_name] = "train"
@@ -282,7 +282,14 @@ class RosaLinear(SparseDeltaLinear):
             score = magnitude_score(self.base_weight_float())  # transient (out x in) dequantized copy
         else:
             score = random_score(self.shape, self.module_seed(config.seed))
-        return topk_positions(score, k, seed=config.seed)
+        return self._top_k(score, k, config)
+
+    def _top_k(self, scores: torch.Tensor, k: int, config: RosaConfig) -> torch.Tensor:
+        """The mask's ``k`` positions: the top-``k`` of ``scores`` (``mask_scope="matrix"``) or the row-balanced
+        top-``k`` (``"row"``)."""
+        if config.mask_scope == "row":
+            return topk_row_balanced(scores.reshape(self.shape), k, seed=config.seed)
+        return topk_positions(scores, k, seed=config.seed)
 
     def _observer(self, adapter_name: str):
         return lambda grad_out, x, grad_values: self._observe(adapter_name, grad_out, x)

@@ -67,6 +67,7 @@ class SpielConfig(SparseConfig):
         "initial_selection": ("window", "random", "calibration"),
         "grown_moments": ("reseed", "zero"),
         "growth_score": ("gradient", "input_normalized", "random"),
+        "growth_scope": ("matrix", "row"),
     }
     needs_one_of: ClassVar[tuple[str, ...]] = ("density", "r")
 
@@ -102,6 +103,15 @@ class SpielConfig(SparseConfig):
             "help": "Growth criterion of SpIEL-AG: 'gradient' |ΣG| (the paper's), 'input_normalized' |ΣG_ij|/‖x_j‖ "
             "(the gradient over the square root of the entry's Gauss-Newton curvature) or 'random' (SET's random "
             "regrowth, a control)."
+        },
+    )
+
+    growth_scope: Literal["matrix", "row"] = field(
+        default="matrix",
+        metadata={
+            "help": "Where SpIEL-AG grows: 'matrix' (the paper's: the best candidates anywhere in the matrix) or "
+            "'row' (each row grows as many entries as it dropped, from candidates nominated per row, so every row "
+            "keeps its count)."
         },
     )
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from ...sparse.delta import SparsePattern
 from ...sparse.regrow import plan_drop_and_grow, reset_slots, unwrap_optimizer
-from ...sparse.select import gradient_score, random_score, topk_positions
+from ...sparse.select import gradient_score, random_score, topk_per_row, topk_positions
 from ...sparse.stats import Window as CalibrationWindow
 from ...sparse.stats import calibrating
 from ..base import from_checkpoint
@@ -244,11 +244,19 @@ class SpielLinear(SparseDeltaLinear):
                 if window.group is not None and tensor is not None:
                     dist.all_reduce(tensor, group=window.group)
             score = growth_score(score, x_sq, config.growth_score)
-        window.candidates = topk_positions(score, k, seed=config.seed)
+        window.candidates = self._candidates(score, k, config)
         del score
         window.pattern = SparsePattern.build(window.candidates, self.shape)
-        window.sum_g = torch.zeros(k, dtype=torch.float32, device=g.device)
+        window.sum_g = torch.zeros(window.candidates.numel(), dtype=torch.float32, device=g.device)
         window.sum_g2 = torch.zeros_like(window.sum_g)
+
+    def _candidates(self, score: torch.Tensor, k: int, config: SpielConfig) -> torch.Tensor:
+        """The top-``k`` of ``score`` over the matrix, or for ``growth_scope="row"`` the top ``⌈k/out⌉`` of every
+        row (so each row has candidates to regrow what it drops)."""
+        if config.growth_scope == "row":
+            per_row = min(self.in_features, -(-k // self.out_features))
+            return topk_per_row(score.reshape(self.shape), per_row, seed=config.seed)
+        return topk_positions(score, k, seed=config.seed)
 
     def on_pre_optimizer_step(self, adapter_name: str, context: Any = None) -> None:
         """Commit this step's statistics on the scale of the gradient the optimizer will use (after clipping)."""
@@ -316,7 +324,8 @@ class SpielLinear(SparseDeltaLinear):
             scores = growth_score(
                 window.sum_g, window.x_sq[columns] if window.x_sq is not None else None, config.growth_score
             )
-        slots, positions = plan_drop_and_grow(values, indices, window.candidates, scores, n)
+        row_length = self.in_features if config.growth_scope == "row" else None
+        slots, positions = plan_drop_and_grow(values, indices, window.candidates, scores, n, row_length=row_length)
         if slots.numel() == 0:
             return 0
         reseed = None
