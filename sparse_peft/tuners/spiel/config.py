@@ -43,14 +43,20 @@ class SpielConfig(SparseConfig):
       falls back to ``"window"``. Measured on the built-in task (SmolLM2-135M, 100 steps, lr 1e-3): 15% exact match
       against 37% with ``"window"`` (``benchmarks/results/sweeps/spiel``).
 
-    The defaults are the reference code's (``"window"``, ``growth_score="gradient"``). On the built-in task
-    (SmolLM2-135M-Instruct, 100 steps, LoRA's budget, lr 1e-3; ``benchmarks/README.md``, third session of 2026-12-02)
-    every gradient-chosen entry cost accuracy: the reference schedule scored 37%, the random start kept with growth by
-    ``|ΣG|`` 45%, with ``"input_normalized"`` growth 48% and 44% at training seeds 0 and 1 (the main job's
-    setting), while random growth (the control,
-    same schedule) scored 55% and a static random mask 56% (PEFT LoRA r=16: 54%). The top-``k`` of ``|G|`` crowds
-    into a few rows and into the columns of large input features (``benchmarks/mask_structure.py``), the entries
-    where Adam's learning-rate-sized steps overshoot.
+    Growth scope (``growth_scope``): ``"matrix"`` (the paper's) grows the best candidates anywhere in the matrix;
+    ``"row"`` nominates the top ``⌈k/out⌉`` candidates of every row and grows, in each row, as many entries as that
+    row dropped (:func:`sparse_peft.sparse.regrow.plan_drop_and_grow` with ``row_length``), so every row keeps the
+    count of the initial mask.
+
+    The defaults are the reference code's (``"window"``, ``growth_score="gradient"``, ``growth_scope="matrix"``). On
+    the built-in task (SmolLM2-135M-Instruct, 100 steps, LoRA's budget, lr 1e-3; ``benchmarks/README.md``, sweeps of
+    2026-12-02) every gradient-chosen entry cost accuracy under the reference settings: the reference schedule scored
+    37%, the random start kept with growth by ``|ΣG|`` 45%, with ``"input_normalized"`` growth 48% and 44% at
+    training seeds 0 and 1, while random growth (the control, same schedule) scored 55% and a static random mask 56%
+    (PEFT LoRA r=16: 54% at both seeds). The top-``k`` of ``|G|`` crowds into a few rows and into the columns of
+    large input features (``benchmarks/mask_structure.py``), the entries where Adam's learning-rate-sized steps
+    overshoot. ``"input_normalized"`` growth removes the column crowding and ``growth_scope="row"`` the row
+    crowding; together, with the random start kept (the main job's setting), they scored 54% and 50%.
     """
 
     method: ClassVar[str] = "spiel"
