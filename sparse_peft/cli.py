@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--eval-data", default=None, help="evaluation set with an 'answer' column (for --data)")
     t.add_argument("--n-train", type=int, default=2000, help="built-in task: training problems")
-    t.add_argument("--n-eval", type=int, default=100, help="built-in task: evaluation problems")
+    t.add_argument(
+        "--n-eval", type=int, default=100, help="built-in task: eval problems (the train split never depends on it)"
+    )
     t.add_argument("--steps", type=int, default=100, help="optimizer steps")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's main-job default)")

@@ -103,21 +103,32 @@ def arithmetic_problems(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return problems
 
 
+#: The first ``EVAL_HEAD`` problems of a seed's sequence are reserved for evaluation; the train split follows them.
+EVAL_HEAD = 100
+
+
 def arithmetic_task(n_train: int = 2000, n_eval: int = 100, seed: int = 0) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Return the built-in ``(train, eval)`` arithmetic word-problem datasets.
 
     Addition and subtraction of numbers 1-20 in several templates, names and objects,
     e.g. "Tom has 7 apples and buys 5 more. How many apples does Tom have now? Answer
     with just the number." -> "12". Problems are generated deterministically from
-    ``seed`` and deduplicated; the first ``n_eval`` form the eval split and the next
-    ``n_train`` the train split, so the splits never share a problem and the eval set
-    does not depend on ``n_train``.
+    ``seed`` and deduplicated. With ``p`` that sequence and ``H = EVAL_HEAD`` (100)::
+
+        train = p[H : H + n_train]
+        eval  = p[: min(n_eval, H)] + p[H + n_train : n_train + max(n_eval, H)]
+
+    So the splits never share a problem, the train split never depends on ``n_eval`` (a run evaluated on 1,000
+    problems trains on exactly the data of a run evaluated on 100), and up to ``H`` eval problems never depend on
+    ``n_train``. Problems beyond the first ``H`` come after the train split.
     """
     if n_train < 0 or n_eval < 0:
         raise ValueError("n_train and n_eval must be >= 0")
-    problems = arithmetic_problems(n_eval + n_train, seed=seed)
-    eval_rows = [make_example(q, a) for q, a in problems[:n_eval]]
-    train_rows = [make_example(q, a) for q, a in problems[n_eval:]]
+    problems = arithmetic_problems(n_train + max(n_eval, EVAL_HEAD), seed=seed)
+    train_problems = problems[EVAL_HEAD : EVAL_HEAD + n_train]
+    eval_problems = problems[: min(n_eval, EVAL_HEAD)] + problems[EVAL_HEAD + n_train :]
+    train_rows = [make_example(q, a) for q, a in train_problems]
+    eval_rows = [make_example(q, a) for q, a in eval_problems]
     return _to_dataset(train_rows), _to_dataset(eval_rows)
 
 

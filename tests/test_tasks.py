@@ -41,6 +41,20 @@ def test_eval_split_does_not_depend_on_train_size() -> None:
     assert small.to_list() == large.to_list()
 
 
+def test_train_split_does_not_depend_on_eval_size() -> None:
+    """More eval problems (less noise in a score) must not change what a run trains on."""
+    problems = arithmetic_problems(2600, seed=0)
+    train_100, eval_100 = arithmetic_task(n_train=2000, n_eval=100)
+    train_600, eval_600 = arithmetic_task(n_train=2000, n_eval=600)
+    train_0, eval_0 = arithmetic_task(n_train=2000, n_eval=0)
+    assert train_100.to_list() == train_600.to_list() == train_0.to_list()
+    assert [_question(row) for row in train_100] == [f"{q} {ANSWER_INSTRUCTION}" for q, _ in problems[100:2100]]
+    assert len(eval_600) == 600 and len(eval_0) == 0
+    assert eval_600.to_list()[:100] == eval_100.to_list()
+    assert [_question(row) for row in eval_600][100:] == [f"{q} {ANSWER_INSTRUCTION}" for q, _ in problems[2100:2600]]
+    assert not {_question(row) for row in eval_600} & {_question(row) for row in train_600}
+
+
 def test_train_and_eval_share_no_problem_and_have_no_duplicates() -> None:
     train, evaluation = arithmetic_task(n_train=2000, n_eval=100)
     assert len(train) == 2000
