@@ -101,20 +101,13 @@ MAIN_JOB: dict[str, MainJob] = {
 
 
 #: Config fields that give a method LoRA r=16's trainable count on SmolLM2-135M (4,884,480), for the methods whose
-#: main-job setting holds another budget (SNELL, LIFT, SpIEL and LoRS already match it at rank 16). Counted on the
-#: model's shapes: SPP 4,947,840 (groups must divide every out_features; 32 is the closest), RoSA 4,884,150, S²FT
-#: 4,872,960 (1 KV head of V, 1 query head of O, 77 of 1536 up/down channels per layer), SMT 1192·64² = 4,882,432,
-#: diff pruning's main job already holds LoRA's budget (density 0.046 of 106,168,320 = 4,883,743).
+#: main-job setting holds another budget (SNELL, LIFT, SpIEL and LoRS match it at rank 16; S²FT's main job holds
+#: 4,872,960: 1 KV head of V, 1 query head of O, 77 of 1536 up/down channels per layer; diff pruning's main job
+#: density 0.046 of 106,168,320 = 4,883,743). Counted on the model's shapes: SPP 4,947,840 (groups must divide every
+#: out_features; 32 is the closest), RoSA 4,884,150, SMT 1192·64² = 4,882,432.
 EQUAL_BUDGET: dict[str, dict[str, Any]] = {
     "spp": {"groups": 32},
     "rosa": {"density": 0.023},
-    "s2ft": {
-        "target_modules": ["v_proj", "o_proj", "up_proj", "down_proj"],
-        "v_ratio": 0.34,
-        "o_ratio": 0.12,
-        "up_ratio": 0.05,
-        "down_ratio": 0.05,
-    },
     "smt": {"num_blocks": 1192},
 }
 

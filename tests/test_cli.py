@@ -216,13 +216,14 @@ def test_train_runs_the_calibration_pass_first(tiny_model_dir, tmp_path, method)
 
 
 def test_equal_budget_settings_give_loras_trainable_count():
-    """defaults.EQUAL_BUDGET reaches LoRA r=16's trainable count (within 1.5%) on SmolLM2-135M's shapes."""
+    """defaults.EQUAL_BUDGET (and S²FT's main job, which holds LoRA's budget itself) reaches LoRA r=16's trainable
+    count (within 1.5%) on SmolLM2-135M's shapes."""
     import copy
 
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sparse_peft.defaults import EQUAL_BUDGET
+    from sparse_peft.defaults import EQUAL_BUDGET, main_job_config
 
     config = LlamaConfig(
         hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3,
@@ -236,7 +237,7 @@ def test_equal_budget_settings_give_loras_trainable_count():
 
     lora = trainable("lora", {})
     entries = sum(m.in_features * m.out_features for n, m in base.named_modules() if n.endswith("_proj"))
-    for method, overrides in EQUAL_BUDGET.items():
+    for method, overrides in {**EQUAL_BUDGET, "s2ft": main_job_config("s2ft")}.items():
         if method == "smt":  # allocated at the calibration: num_blocks blocks of 64 x 64 (on the 30-layer model)
             count = overrides["num_blocks"] * 64 * 64 * 2 / 30
         elif method == "diff_pruning":  # the projection keeps density of all targeted entries
