@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sparse_peft.sparse.io import atomic_write, install_dir
+
 HERE = Path(__file__).resolve().parent
 BASELINES = ("lora", "full", "shira", "supertuning", "lora_pruned")
 PRUNED = {"spp": "2:4", "lors": "2:4", "lora_pruned": "2:4"}
@@ -142,10 +144,15 @@ def train_command(label: str, args: argparse.Namespace, output: Path) -> list[st
 
 def run_method(label: str, args: argparse.Namespace, out: Path) -> dict[str, Any] | None:
     """Train one row (:func:`train_command`) in a fresh process and return its summary (None if it failed; the log
-    says why). The run is kept under ``OUT/runs/<label>``, which ``--reuse`` reads instead of training again."""
+    says why). The run is kept under ``OUT/runs/<label>`` (an older folder there is kept as ``-previous-``) and its
+    summary recorded in ``OUT/summaries.json``; ``--reuse`` reads either instead of training again (the recorded one
+    lets a run that spans sessions resume from a fresh checkout, where ``runs/`` is not committed)."""
     run_dir = out / "runs" / label
-    if (run_dir / "summary.json").is_file() and args.reuse:
-        return json.loads((run_dir / "summary.json").read_text())
+    if args.reuse:
+        if (run_dir / "summary.json").is_file():
+            return json.loads((run_dir / "summary.json").read_text())
+        if label in recorded_summaries(out):
+            return recorded_summaries(out)[label]
     output = run_dir.with_name(f"{label}-{int(time.time())}")
     command = train_command(label, args, output)
     log = out / "logs" / f"{label}.log"
@@ -154,14 +161,24 @@ def run_method(label: str, args: argparse.Namespace, out: Path) -> dict[str, Any
     with log.open("w") as handle:
         code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
     print(f"{label:<14} exit {code} in {time.perf_counter() - start:.0f} s (log: {log})", flush=True)
-    produced = output / "summary.json"
-    if code != 0 or not produced.is_file():
+    if code != 0 or not (output / "summary.json").is_file():
         return None
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    if run_dir.exists():
-        run_dir = run_dir.with_name(f"{run_dir.name}-previous-{int(time.time())}")
-    produced.parent.rename(run_dir)
-    return json.loads((run_dir / "summary.json").read_text())
+    install_dir(str(output), str(run_dir))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    record_summary(out, label, summary)
+    return summary
+
+
+def recorded_summaries(out: Path) -> Rows:
+    """The summaries recorded in ``OUT/summaries.json``, by row label (empty when there is none)."""
+    path = out / "summaries.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_summary(out: Path, label: str, summary: dict[str, Any]) -> None:
+    """Add (or replace) one row's summary in ``OUT/summaries.json`` (atomic write)."""
+    rows = {**recorded_summaries(out), label: summary}
+    atomic_write(str(out / "summaries.json"), lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
 
 
 def collect(labels: Sequence[str], args: argparse.Namespace, out: Path) -> Rows:
@@ -562,7 +579,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for results, logs and runs")
-    parser.add_argument("--reuse", action="store_true", help="keep summaries already in OUT/runs (resume a run)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep rows already in OUT/runs or OUT/summaries.json (resume a run)"
+    )
     parser.add_argument(
         "--equal-budget", action="store_true", help="add <method>@lora_budget rows (LoRA's trainable count)"
     )
@@ -612,8 +631,9 @@ def main(argv: list[str] | None = None) -> int:
     ratios(rows)
     started["wall_seconds"] = round(time.perf_counter() - start, 1)
     results = {"settings": vars(args), "machine": started, "results": rows}
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    (out / "table.md").write_text(report(rows))
+    text = json.dumps(results, indent=2, default=str)
+    atomic_write(str(out / "results.json"), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(str(out / "table.md"), lambda tmp: Path(tmp).write_text(report(rows)))
     written = plots(rows, out)
     print(report(rows))
     print("plots:", ", ".join(str(p) for p in written))

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sparse_peft.sparse.io import atomic_write
+from sparse_peft.sparse.io import atomic_write, install_dir
 
 
 def grid_points(grid: list[str]) -> list[dict[str, Any]]:
@@ -87,9 +87,7 @@ def run_point(
     print(f"{method} {name}: exit {code} in {time.perf_counter() - start:.0f} s (log: {log})", flush=True)
     if code != 0 or not (run_dir / "summary.json").is_file():
         return None
-    if done.parent.exists():
-        done = done.parent.with_name(f"{name}-previous-{int(time.time())}") / "summary.json"
-    run_dir.rename(done.parent)
+    install_dir(str(run_dir), str(done.parent))
     return json.loads(done.read_text())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +177,28 @@ def test_reuse_reads_a_kept_run(fake_train, tmp_path):
     args = run.parse_args(["--out", str(tmp_path), "--reuse"])
     assert run.run_method("lora#seed1", args, tmp_path)["after"]["exact_match"] == 0.42
     assert fake_train == []
+
+
+def test_reuse_reads_a_recorded_summary_in_a_fresh_checkout(fake_train, tmp_path):
+    """``runs/`` is not committed: a run spanning sessions resumes from ``summaries.json``, which every row adds to."""
+    args = run.parse_args(["--out", str(tmp_path)])
+    first = run.run_method("lora#seed1", args, tmp_path)
+    assert json.loads((tmp_path / "summaries.json").read_text()) == {"lora#seed1": first}
+    shutil.rmtree(tmp_path / "runs")  # what a fresh clone has
+    reuse = run.parse_args(["--out", str(tmp_path), "--reuse"])
+    assert run.run_method("lora#seed1", reuse, tmp_path) == first
+    assert len(fake_train) == 1
+
+
+def test_a_rerun_keeps_the_older_run_and_installs_the_new_one(fake_train, tmp_path):
+    kept = tmp_path / "runs" / "lora"
+    kept.mkdir(parents=True)
+    (kept / "summary.json").write_text(json.dumps(summary("lora", 0.42)))
+    args = run.parse_args(["--out", str(tmp_path)])  # no --reuse: trains again
+    result = run.run_method("lora", args, tmp_path)
+    assert json.loads((kept / "summary.json").read_text()) == result != summary("lora", 0.42)
+    [previous] = (tmp_path / "runs").glob("lora-previous-*")
+    assert json.loads((previous / "summary.json").read_text())["after"]["exact_match"] == 0.42
 
 
 def test_main_without_training(fake_train, tmp_path, monkeypatch):

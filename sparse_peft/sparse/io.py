@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,3 +28,14 @@ def atomic_write(path: str, write: Callable[[str], Any]) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def install_dir(new: str, final: str) -> str | None:
+    """Move the finished folder ``new`` to ``final``; a folder already at ``final`` is kept, renamed to
+    ``<final>-previous-<unix time>`` first (its path is returned; None when there was none). Nothing is overwritten."""
+    previous = None
+    if os.path.exists(final):
+        previous = f"{final}-previous-{int(time.time())}"
+        os.rename(final, previous)
+    os.rename(new, final)
+    return previous
