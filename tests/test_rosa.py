@@ -233,6 +233,75 @@ def test_row_scope_mask_is_the_row_balanced_top_k_of_the_fisher():
     assert int(counts["matrix"].max() - counts["matrix"].min()) > 1
 
 
+def _layer_inputs(layer, run):
+    """``Σ_t x_tj²`` of the inputs ``layer`` sees while ``run()`` runs."""
+    seen = []
+
+    def hook(_module, args):
+        seen.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return torch.cat(seen).float().square().sum(0)
+
+
+def _brute_force_fisher(layer, batches):
+    """``Σ_i G_i²`` of ``layer``'s base weight over the examples of ``batches`` (the adapter starts as the identity)."""
+    reference = tiny_llama()
+    weight = dict(reference.named_modules())[layer.module_name].weight
+    weight.requires_grad_(True)
+    fisher = torch.zeros_like(weight)
+    for batch in batches:
+        for row in batch:
+            weight.grad = None
+            reference(row[None], labels=row[None]).loss.backward()
+            fisher += (weight.grad / batch.shape[0]).square()
+    return fisher
+
+
+def test_input_normalized_mask_is_the_top_k_of_fisher_over_feature_energy():
+    """mask_score='input_normalized': the window also sums Σ_t x_tj², and the mask is the top-k of F_ij / Σ_t x_tj²
+    (F the per-sample Fisher), not of F; the features with large inputs lose entries to the others."""
+    model, optimizer = make(schedule="default", mask_score="input_normalized", density=0.1)
+    layer = rosa_layers(model)[0]
+    context = ScheduleContext()
+    model.train()
+    begin_step(model, 1, context)
+    x_sq = _layer_inputs(layer, lambda: model(INPUT, labels=INPUT).loss.backward())
+    window = layer._windows["default"]
+    fisher = _brute_force_fisher(layer, [INPUT])
+    assert torch.allclose(window.pending, fisher, rtol=1e-5, atol=1e-10)
+    assert torch.allclose(window.pending_input_sq, x_sq, rtol=1e-5)
+    before_optimizer_step(model, context)
+    optimizer.step()
+    optimizer.zero_grad()
+    assert refresh_masks(model, 1, optimizer, context) > 0
+    k = layer.values["default"].numel()
+    scores = (fisher / x_sq).reshape(-1)
+    chosen = scores[layer.indices["default"].long()]
+    assert bool((chosen >= scores.topk(k).values[-1] * (1 - 1e-5)).all())
+    plain = set(fisher.reshape(-1).topk(k).indices.tolist())
+    assert plain != set(layer.indices["default"].long().tolist())  # the normalization changed the choice
+
+
+def test_calibration_pass_picks_the_same_input_normalized_mask():
+    """sparse_peft.calibrate with mask_score='input_normalized' ranks by F_ij / Σ_t x_tj² over its batches."""
+    import sparse_peft
+
+    model, _ = make(schedule="default", mask_score="input_normalized", density=0.1)
+    layer = rosa_layers(model)[0]
+    batches = [INPUT[:2], INPUT[2:]]
+    x_sq = _layer_inputs(layer, lambda: sparse_peft.calibrate(model, batches))
+    assert layer.is_mask_ready("default")
+    scores = (_brute_force_fisher(layer, batches) / x_sq).reshape(-1)
+    k = layer.values["default"].numel()
+    chosen = scores[layer.indices["default"].long()]
+    assert bool((chosen >= scores.topk(k).values[-1] * (1 - 1e-5)).all())
+
+
 @pytest.mark.parametrize("score", ["magnitude", "random"])
 def test_statistics_free_masks_are_chosen_when_the_warmup_ends(score):
     model, optimizer = make(mask_score=score, schedule="wl1")
@@ -273,17 +342,20 @@ def test_masks_saved_and_loaded_reproduce_training(tmp_path):
         save_rosa_masks(unselected, tmp_path / "early.safetensors")
 
 
-def test_open_collection_window_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("score", ["mean_squared", "input_normalized"])
+def test_open_collection_window_resumes_exactly(tmp_path, score):
     """G=2: statistics saved after the first collection step (the checkpoint's side file) give the same mask."""
-    model, optimizer = make(schedule="default", window_steps=2)
+    model, optimizer = make(schedule="default", window_steps=2, mask_score=score)
     train(model, optimizer, 2)
     expected = [layer.indices["default"].clone() for layer in rosa_layers(model)]
 
-    model, optimizer = make(schedule="default", window_steps=2)
+    model, optimizer = make(schedule="default", window_steps=2, mask_score=score)
     train(model, optimizer, 1)
     path = str(tmp_path / STATE_FILE)
     assert save_window_state(model, path)  # what a checkpoint holds: adapter, optimizer, window side file
-    resumed, resumed_optimizer = make(schedule="default", window_steps=2)
+    if score == "input_normalized":
+        assert all(layer._windows["default"].input_sq is not None for layer in rosa_layers(model))
+    resumed, resumed_optimizer = make(schedule="default", window_steps=2, mask_score=score)
     set_peft_model_state_dict(resumed, get_peft_model_state_dict(model))
     resumed_optimizer.load_state_dict(optimizer.state_dict())
     load_window_state(resumed, path)

@@ -45,7 +45,8 @@ class Window:
     """Statistics of one layer over the calibration batches (all float32).
 
     ``gradient``: ``Σ_b gᵀx`` (``(out, in)``; modes gradient); ``gradient_sq``: ``Σ_i G_i²`` over examples
-    (mode fisher); ``input_sq`` / ``output_sq``: ``Σ_t x_t²`` (``(in,)``) and ``Σ_t y_t²`` (``(out,)``);
+    (mode fisher); ``input_sq`` / ``output_sq``: ``Σ_t x_t²`` (``(in,)``, every mode) and ``Σ_t y_t²`` (``(out,)``,
+    activation modes);
     ``batches``: micro-batches seen; ``samples``: examples seen; ``tokens``: rows of ``x`` seen.
     """
 
@@ -61,13 +62,16 @@ class Window:
 
     @torch.no_grad()
     def add_gradient(self, grad_out: torch.Tensor, x: torch.Tensor, samples: int = 1) -> None:
-        """Add one micro-batch: ``grad_out`` ``(T, out)`` and ``x`` ``(T, in)``, ``T = samples · tokens each``."""
+        """Add one micro-batch: ``grad_out`` ``(T, out)`` and ``x`` ``(T, in)``, ``T = samples · tokens each`` (and
+        ``Σ_t x_t²`` to ``input_sq``, for scores normalized by the input features)."""
         if self.mode == "fisher":
             squares = per_sample_squares(grad_out, x, samples)
             self.gradient_sq = squares if self.gradient_sq is None else self.gradient_sq.add_(squares)
         else:
             product = grad_out.t().float() @ x.float()
             self.gradient = product if self.gradient is None else self.gradient.add_(product)
+        x_sq = x.float().square().sum(0)
+        self.input_sq = x_sq if self.input_sq is None else self.input_sq.add_(x_sq)
         self.batches += 1
         self.samples += samples
         self.tokens += x.shape[0]

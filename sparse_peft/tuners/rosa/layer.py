@@ -14,11 +14,18 @@ from torch import nn
 from ...sparse.delta import DeltaTerm, dense_delta, index_dtype
 from ...sparse.masks_file import read_mask
 from ...sparse.regrow import unwrap_optimizer
-from ...sparse.select import gradient_score, magnitude_score, random_score, topk_positions, topk_row_balanced
+from ...sparse.select import (
+    gradient_score,
+    input_normalized_score,
+    magnitude_score,
+    random_score,
+    topk_positions,
+    topk_row_balanced,
+)
 from ...sparse.stats import Window, calibrating, per_sample_squares
 from ..layer_base import AdapterStore
 from ..sparse_delta import SparseDeltaLinear
-from .config import RosaConfig
+from .config import FISHER_SCORES, RosaConfig
 
 
 @dataclass
@@ -26,29 +33,52 @@ class GradientWindow:
     """Gradient statistics of one adapter during the collection phase (float32).
 
     ``total``: ``Σ G_b²`` (or ``Σ G_b``) over every micro-batch ``b`` committed so far, summed over DDP ranks, with
-    ``G_b = gᵀx`` the micro-batch's gradient of ``W``; ``count``: how many micro-batches that is; ``pending`` /
-    ``pending_count``: this step's local contributions, all-reduced and folded in at the step's end; ``steps``:
-    committed optimizer steps.
+    ``G_b = gᵀx`` the micro-batch's gradient of ``W``; ``input_sq``: ``Σ_t x_tj²`` over the same tokens (``(in,)``,
+    only for ``mask_score="input_normalized"``); ``count``: how many micro-batches that is; ``pending`` /
+    ``pending_input_sq`` / ``pending_count``: this step's local contributions, all-reduced and folded in at the step's
+    end; ``steps``: committed optimizer steps.
     """
 
     total: Optional[torch.Tensor] = None
+    input_sq: Optional[torch.Tensor] = None
     count: float = 0.0
     pending: Optional[torch.Tensor] = None
+    pending_input_sq: Optional[torch.Tensor] = None
     pending_count: float = 0.0
     steps: int = 0
     group: Any = field(default=None, repr=False)
 
+    def add(self, grad: torch.Tensor, x_sq: Optional[torch.Tensor]) -> None:
+        """One micro-batch's statistic (and its ``Σ_t x_tj²``). In one process, once a step has been committed, it is
+        added to the total in place, so the window holds one ``(out, in)`` float32 buffer per layer, not two."""
+        if self.group is None and self.total is not None:
+            self.total.add_(grad)
+            if x_sq is not None and self.input_sq is not None:
+                self.input_sq.add_(x_sq)
+        else:
+            self.pending = grad if self.pending is None else self.pending.add_(grad)
+            if x_sq is not None:
+                self.pending_input_sq = x_sq if self.pending_input_sq is None else self.pending_input_sq.add_(x_sq)
+        self.pending_count += 1
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """The committed statistics (checkpoint side file): ``total`` bit-exact, ``count``, ``steps``."""
+        """The committed statistics (checkpoint side file): ``total`` (and ``input_sq``) bit-exact, ``count``,
+        ``steps``."""
         if self.total is None:
             return {}
         count = torch.tensor(self.count, dtype=torch.float64)
-        return {"total": self.total.detach(), "count": count, "steps": torch.tensor(self.steps)}
+        tensors = {"total": self.total.detach(), "count": count, "steps": torch.tensor(self.steps)}
+        if self.input_sq is not None:
+            tensors["input_sq"] = self.input_sq.detach()
+        return tensors
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], shape: tuple[int, int], device: Any) -> GradientWindow:
         total = tensors["total"].to(device=device, dtype=torch.float32).view(shape).clone()
-        return cls(total=total, count=float(tensors["count"]), steps=int(tensors["steps"]))
+        input_sq = tensors.get("input_sq")
+        if input_sq is not None:
+            input_sq = input_sq.to(device=device, dtype=torch.float32).clone()
+        return cls(total=total, input_sq=input_sq, count=float(tensors["count"]), steps=int(tensors["steps"]))
 
 
 class RosaLinear(SparseDeltaLinear):
@@ -180,13 +210,15 @@ class RosaLinear(SparseDeltaLinear):
             return None
         if config.schedule == "lora_only" or self.values[adapter_name].numel() == 0:
             return None
-        return "fisher" if config.mask_score == "mean_squared" else "gradient"
+        return "fisher" if config.mask_score in FISHER_SCORES else "gradient"
 
     def finish_calibration(self, adapter_name: str, window: Window) -> None:
-        """The mask: top-``k`` of the per-sample Fisher ``Σ_i G_i²`` (or of ``|Σ_b G_b|``) over the calibration
-        batches; the values start training at step 1 (no collection steps inside training)."""
+        """The mask: top-``k`` of the per-sample Fisher ``Σ_i G_i²`` (divided by ``Σ_t x_tj²`` for
+        ``"input_normalized"``; or of ``|Σ_b G_b|``) over the calibration batches; the values start training at step
+        1 (no collection steps inside training)."""
         config: RosaConfig = self.adapter_configs[adapter_name]
-        scores = gradient_score(window.gradient_sq if window.gradient_sq is not None else window.gradient)
+        statistic = window.gradient_sq if window.gradient_sq is not None else window.gradient
+        scores = self._score(statistic, window.input_sq, config)
         self.set_mask(adapter_name, self._top_k(scores, self.values[adapter_name].numel(), config))
 
     def delta_term(self, adapter_name: str) -> Optional[tuple[DeltaTerm, torch.Tensor]]:
@@ -264,7 +296,7 @@ class RosaLinear(SparseDeltaLinear):
                 f"RoSA collected no gradients for {self.module_name} during {window.steps} step(s): run the model in "
                 f"train mode with gradients enabled while the mask is collected"
             )
-        scores = gradient_score(window.total)  # |mean G| or mean G²: one scale per layer, top-k is scale-free
+        scores = self._score(window.total, window.input_sq, config)  # one scale per layer: top-k is scale-free
         self._windows.pop(adapter_name)
         positions = self._top_k(scores, self.values[adapter_name].numel(), config)
         del scores
@@ -284,6 +316,14 @@ class RosaLinear(SparseDeltaLinear):
             score = random_score(self.shape, self.module_seed(config.seed))
         return self._top_k(score, k, config)
 
+    @staticmethod
+    def _score(statistic: torch.Tensor, input_sq: Optional[torch.Tensor], config: RosaConfig) -> torch.Tensor:
+        """``|Σ G|`` or ``Σ G²`` as collected; for ``"input_normalized"`` ``Σ G² / Σ_t x_tj²``."""
+        scores = gradient_score(statistic)
+        if config.mask_score == "input_normalized" and input_sq is not None:
+            scores = input_normalized_score(scores, input_sq.to(scores.device), squared=True)
+        return scores
+
     def _top_k(self, scores: torch.Tensor, k: int, config: RosaConfig) -> torch.Tensor:
         """The mask's ``k`` positions: the top-``k`` of ``scores`` (``mask_scope="matrix"``) or the row-balanced
         top-``k`` (``"row"``)."""
@@ -296,22 +336,18 @@ class RosaLinear(SparseDeltaLinear):
 
     @torch.no_grad()
     def _observe(self, adapter_name: str, grad_out: torch.Tensor, x: torch.Tensor) -> None:
-        """Add this micro-batch's ``G = gᵀx`` (or its examples' ``Σ_i G_i²``) to the window, in float32."""
-        window = self._windows[adapter_name]
+        """Add this micro-batch's ``G = gᵀx`` (or its examples' ``Σ_i G_i²``, and for ``"input_normalized"`` its
+        ``Σ_t x_tj²``) to the window, in float32."""
         config: RosaConfig = self.adapter_configs[adapter_name]
-        if config.mask_score == "mean_squared":  # per-sample squares: the empirical Fisher of the paper
+        if config.mask_score in FISHER_SCORES:  # per-sample squares: the empirical Fisher of the paper
             grad = per_sample_squares(grad_out, x, self._samples)
         else:
             grad = grad_out.float().t() @ x.float()  # transient (out x in), one layer at a time
+        x_sq = x.float().square().sum(0) if config.mask_score == "input_normalized" else None
         if config.stats_device is not None:
             grad = grad.to(config.stats_device)
-        if window.group is None and window.total is not None:
-            window.total.add_(grad)  # one process: fold in place, no second weight-sized buffer per layer
-        elif window.pending is None:
-            window.pending = grad
-        else:
-            window.pending += grad
-        window.pending_count += 1
+            x_sq = None if x_sq is None else x_sq.to(config.stats_device)
+        self._windows[adapter_name].add(grad, x_sq)
 
     def _commit(self, adapter_name: str, window: GradientWindow, group: Any) -> None:
         """All-reduce this step's sums over the ranks and fold them into the window (every rank holds the total).
@@ -319,24 +355,27 @@ class RosaLinear(SparseDeltaLinear):
         In one process the micro-batches after the first step were already added to the total in place, so the
         window holds one ``(out, in)`` float32 buffer per layer instead of two."""
         device = self.values[adapter_name].device
-        pending = window.pending
+        pending, pending_x = window.pending, window.pending_input_sq
         if pending is None and group is None:  # folded into the total as it came (or nothing was seen)
             window.count += window.pending_count
             window.steps += 1
             window.pending_count = 0.0
             return
-        if pending is None:
+        if pending is None:  # this rank saw no micro-batch: it still takes part in the all-reduce
             pending = torch.zeros(self.shape, dtype=torch.float32, device=device)
+        if pending_x is None and self.adapter_configs[adapter_name].mask_score == "input_normalized":
+            pending_x = torch.zeros(self.in_features, dtype=torch.float32, device=pending.device)
         count = torch.tensor([window.pending_count], dtype=torch.float64, device=device)
         if group is not None:
-            reduced = pending.to(device)
-            dist.all_reduce(reduced, group=group)
+            pending = _all_reduced(pending, device, group)
+            pending_x = None if pending_x is None else _all_reduced(pending_x, device, group)
             dist.all_reduce(count, group=group)
-            pending = reduced.to(pending.device)
         window.total = pending if window.total is None else window.total.add_(pending)
+        if pending_x is not None:
+            window.input_sq = pending_x if window.input_sq is None else window.input_sq.add_(pending_x)
         window.count += float(count.item())
         window.steps += 1
-        window.pending, window.pending_count = None, 0.0
+        window.pending, window.pending_input_sq, window.pending_count = None, None, 0.0
 
     @torch.no_grad()
     def set_mask(self, adapter_name: str, positions: torch.Tensor, optimizer: Any = None) -> None:
@@ -373,3 +412,10 @@ class RosaLinear(SparseDeltaLinear):
 _p = RosaLinear.prefix
 RosaLinear.adapter_layer_names = (f"{_p}values", f"{_p}lora_A", f"{_p}lora_B")
 RosaLinear.other_param_names = (*RosaLinear.other_param_names, f"{_p}mask_ready")
+
+
+def _all_reduced(tensor: torch.Tensor, device: torch.device, group: Any) -> torch.Tensor:
+    """``tensor`` summed over ``group``'s ranks (reduced on the layer's ``device``), back on its own device."""
+    reduced = tensor.to(device)
+    dist.all_reduce(reduced, group=group)
+    return reduced.to(tensor.device)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from ...sparse.delta import SparsePattern
 from ...sparse.regrow import plan_drop_and_grow, reset_slots, unwrap_optimizer
-from ...sparse.select import gradient_score, random_score, topk_per_row, topk_positions
+from ...sparse.select import gradient_score, input_normalized_score, random_score, topk_per_row, topk_positions
 from ...sparse.stats import Window as CalibrationWindow
 from ...sparse.stats import calibrating
 from ..base import from_checkpoint
@@ -65,18 +65,15 @@ class Window:
 
 def growth_score(gradient: torch.Tensor, x_sq: Optional[torch.Tensor], kind: str) -> torch.Tensor:
     """How much a position should grow: ``|G|`` (``"gradient"``, the paper's) or ``|G_ij| / ‖x_j‖``
-    (``"input_normalized"``).
+    (``"input_normalized"``, :func:`~sparse_peft.sparse.select.input_normalized_score`).
 
     ``gradient`` is dense ``(out, in)`` (then ``x_sq`` has ``in`` entries) or flat at candidates (then ``x_sq`` is
-    gathered at their columns). ``|G_ij|/‖x_j‖`` divides the first-order gain of moving ``W_ij`` by the square root of
-    the Gauss-Newton curvature of that entry, ``Σ_t x_tj²`` up to the output's factor: Adam moves every entry by
-    about the learning rate, so an entry on a large-activation input feature changes the outputs, and overshoots,
-    by as much more as its feature is larger.
+    gathered at their columns).
     """
     score = gradient_score(gradient)
     if kind == "gradient" or x_sq is None:
         return score
-    return score / x_sq.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
+    return input_normalized_score(score, x_sq)
 
 
 class SpielLinear(SparseDeltaLinear):
