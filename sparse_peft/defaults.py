@@ -84,11 +84,13 @@ MAIN_JOB: dict[str, MainJob] = {
         "(growth_scope='row') 54% and 50% (LoRA: 54%, 54%); random growth (the control) 55%, a static random mask 56%",
     ),
     "rosa": MainJob(
-        {"r": 8, "lora_alpha": 16, "density": 0.02, "schedule": "wl20", "window_steps": 4},
+        {"r": 8, "lora_alpha": 16, "density": 0.02, "schedule": "wl20", "window_steps": 4, "mask_scope": "row"},
         lr=1e-3,
         sparse_lr=1e-4,
-        evidence="S at the LoRA rate (1e-3) rose the loss from 1.12 to 1.58 and ended at 24%; S at 1e-4: 51% "
-        "(benchmarks/README.md, 2026-11-22)",
+        evidence="benchmarks/results/sweeps/rosa: the Fisher's top-k per row (mask_scope='row') 53% and 52% at "
+        "training seeds 0 and 1, 53% at LoRA's budget (density 0.023); matrix-wide 51%, 52% and 48% (LoRA: 54%, "
+        "54%); S at the LoRA rate 1e-3: 24% matrix-wide (2026-11-22), 30% by row, 41% by row with "
+        "mask_score='input_normalized'; a random mask at 1e-3 (the control) 56%, 51%, 55%",
     ),
     "spp": MainJob({"groups": 16, "scaling": 2.0}, lr=4e-3, evidence="benchmark of 2026-11-22 (2:4 base)"),
     "lors": MainJob(

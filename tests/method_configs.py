@@ -23,6 +23,8 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 DDP_OVERRIDES: dict[str, dict[str, Any]] = {
     "spiel": {"density": 0.1, "reselection_steps": 3, "window_steps": 2},
     "diff_pruning": {"projection_step": None},  # the worker projects between two DDP runs
+    # the Fisher and Σx² windows both all-reduced (the plain Fisher's all-reduce is the same code, without Σx²)
+    "rosa": {"mask_score": "input_normalized", "mask_scope": "row"},
 }
 
 #: Methods whose masks are chosen or changed during training, and a substring of their mask tensors' names.
