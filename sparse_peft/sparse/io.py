@@ -8,7 +8,17 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+CACHE_ENV_VAR = "SPARSE_PEFT_CACHE"
+
+
+def cache_root() -> Path:
+    """The package's cache folder (the default model's safetensors copy, compiled kernels): ``$SPARSE_PEFT_CACHE`` or
+    ``~/.cache/sparse_peft``."""
+    env = os.environ.get(CACHE_ENV_VAR)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sparse_peft"
 
 
 def atomic_write(path: str, write: Callable[[str], Any]) -> None:

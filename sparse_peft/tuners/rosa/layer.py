@@ -86,8 +86,8 @@ class RosaLinear(SparseDeltaLinear):
 
     Forward: ``y = x·(W + S)ᵀ + b + s·dropout(x)·Aᵀ·Bᵀ`` with ``A`` (``r x in``, Kaiming-uniform), ``B``
     (``out x r``, zero) and ``S = scatter(values, indices)`` (``k`` entries, values zero at start), so the adapter
-    starts as the identity. ``x·Sᵀ`` runs on the shared sparse engine (CSR forward, SDDMM value gradient); nothing of
-    size ``out x in`` is kept for backward.
+    starts as the identity. ``x·(W + S)ᵀ`` runs on the shared sparse engine (one GEMM on a transient ``W + S``,
+    SDDMM value gradient); nothing of size ``out x in`` is kept for backward.
 
     Stored per adapter: ``<prefix>lora_A``, ``<prefix>lora_B`` (trainable), ``<prefix>values`` (trainable, length
     ``k``), ``<prefix>indices`` (persistent int buffer) and ``<prefix>mask_ready`` (persistent flag: 1 once the mask
