@@ -1,5 +1,5 @@
-"""The compiled CPU SDDMM (sparse_peft/sparse/cpu_kernel.py, sddmm.c): exact against the dense product, its build
-cache, and the fallback to torch.sparse.sampled_addmm."""
+"""The compiled CPU kernels (sparse_peft/sparse/cpu_kernel.py, kernels.c): the SDDMM exact against the dense product,
+the entry add / restore bitwise, their build cache, and the fallback to torch's kernels."""
 
 from __future__ import annotations
 
@@ -112,3 +112,25 @@ def test_no_compiler_warns_once_and_falls_back(monkeypatch):
         torch.testing.assert_close(pattern.sampled_grad(g, x), expected, rtol=1e-4, atol=1e-4)
     finally:
         cpu_kernel._library.cache_clear()
+
+
+@needs_compiler
+def test_entry_add_and_restore_are_bitwise_those_of_index_add():
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(5000, generator=generator)
+    index = torch.randperm(5000, generator=generator)[:700]
+    values = torch.randn(700, generator=generator) * 1e-3
+    expected = weight.clone().index_add_(0, index, values)
+    original = weight.clone()
+    saved = cpu_kernel.add_entries(weight, index, values)
+    assert saved is not None and torch.equal(weight, expected)
+    assert torch.equal(saved, original[index])
+    assert cpu_kernel.put_entries(weight, index, saved)
+    assert torch.equal(weight, original)
+
+
+def test_entry_kernels_leave_other_dtypes_to_torch():
+    weight, index = torch.zeros(10, dtype=torch.bfloat16), torch.arange(3)
+    assert cpu_kernel.add_entries(weight, index, torch.ones(3, dtype=torch.bfloat16)) is None
+    assert not cpu_kernel.put_entries(weight, index, torch.ones(3, dtype=torch.bfloat16))
+    assert torch.equal(weight, torch.zeros(10, dtype=torch.bfloat16))

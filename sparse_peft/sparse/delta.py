@@ -227,7 +227,9 @@ def effective_weight(
     entries are written back on exit (bitwise: a gather before, a scatter after, in reverse term order so
     overlapping terms restore too), so no ``out x in`` tensor is allocated or copied. The write goes through
     ``weight.data``: autograd never sees a modified tensor, since only this layer's GEMM runs between the add and
-    the restore. Otherwise (another dtype, a dequantized copy, a strided view, an inference tensor,
+    the restore. On float32 CPU weights the add and the restore run in the compiled kernels of
+    :mod:`sparse_peft.sparse.cpu_kernel` (the same float adds, bitwise). Otherwise (another dtype, a dequantized
+    copy, a strided view, an inference tensor,
     ``in_place=False``) ``W_eff`` is one new ``dtype`` transient.
     :func:`fused_sparse_linear` passes ``in_place=False`` without gradients: inference may run the same model from
     several threads, and a shared weight must then never be written.
@@ -242,13 +244,19 @@ def effective_weight(
     originals: list[torch.Tensor] = []
     try:
         for term, vals in zip(terms, values, strict=True):
+            add = vals.detach().to(dtype)
+            saved = cpu_kernel.add_entries(flat, term.pattern.flat, add) if in_place else None
+            if saved is None:
+                if in_place:
+                    saved = flat[term.pattern.flat]
+                flat.index_add_(0, term.pattern.flat, add)
             if in_place:
-                originals.append(flat[term.pattern.flat])
-            flat.index_add_(0, term.pattern.flat, vals.detach().to(dtype))
+                originals.append(saved)
         yield target
     finally:
         for term, saved in zip(reversed(terms[: len(originals)]), reversed(originals), strict=True):
-            flat[term.pattern.flat] = saved
+            if not cpu_kernel.put_entries(flat, term.pattern.flat, saved):
+                flat[term.pattern.flat] = saved
 
 
 class FusedSparseLinear(torch.autograd.Function):

@@ -1,4 +1,8 @@
-/* The CPU SDDMM of sparse_peft's entry-sparse deltas, compiled on first use by sparse_peft/sparse/cpu_kernel.py.
+/* CPU kernels of sparse_peft's entry-sparse deltas, compiled on first use by sparse_peft/sparse/cpu_kernel.py.
+ *
+ * 1. sparse_peft_add_entries_f32 / sparse_peft_put_entries_f32: W_eff = W + scatter(values) in W's own storage and
+ *    the bitwise restore of W after the GEMM (the k original entries saved, then written back).
+ * 2. sparse_peft_sddmm_f32, the values' gradient:
  *
  *   out[slot[e]] = sum_t g[t, row(e)] * x[t, col[e]]    for every CSR entry e
  *
@@ -172,4 +176,18 @@ int sparse_peft_sddmm_f32(const float *g, const float *x, const int64_t *crow, c
     for (int64_t part = 1; part < used; part++)
         for (int64_t e = 0; e < nnz; e++) out[e] += out[part * nnz + e];
     return failed;
+}
+
+void sparse_peft_add_entries_f32(float *w, const int64_t *idx, const float *values, float *saved, int64_t k) {
+    /* saved[e] = w[idx[e]]; w[idx[e]] = saved[e] + values[e]: the same single float add as index_add_ (unique idx). */
+    for (int64_t e = 0; e < k; e++) {
+        float original = w[idx[e]];
+        saved[e] = original;
+        w[idx[e]] = original + values[e];
+    }
+}
+
+void sparse_peft_put_entries_f32(float *w, const int64_t *idx, const float *saved, int64_t k) {
+    /* w[idx[e]] = saved[e]: puts the originals back. */
+    for (int64_t e = 0; e < k; e++) w[idx[e]] = saved[e];
 }
