@@ -55,7 +55,7 @@ class Runner:
         config = method_config(method, {})
         if method == "supertuning":
             config.sparsity = lora_budget_sparsity(base)
-        self.method = method if kernel else f"{method} (torch SDDMM)"
+        self.method = method if kernel else f"{method} (torch kernels)"
         self.kernel = kernel
         self.model = get_peft_model(copy.deepcopy(base), config)
         lr = main_job_lr(method)
@@ -85,7 +85,7 @@ class Runner:
 
 @contextlib.contextmanager
 def cpu_kernel_switch(on: bool) -> Iterator[None]:
-    """Run with the compiled CPU SDDMM on (the default) or off (``torch.sparse.sampled_addmm``)."""
+    """Run with the compiled CPU kernels on (the default) or off (``torch.sparse.sampled_addmm`` and indexing ops)."""
     previous = os.environ.get(cpu_kernel.SWITCH_ENV_VAR)
     os.environ[cpu_kernel.SWITCH_ENV_VAR] = "1" if on else "0"
     try:
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sddmm-ab",
         action="store_true",
-        help="also time every method but the baselines with the compiled CPU SDDMM switched off (sampled_addmm)",
+        help="also time every method but the baselines with the compiled CPU kernels switched off (torch's ops)",
     )
     args = parser.parse_args(argv)
     if args.threads:
