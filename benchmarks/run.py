@@ -155,6 +155,7 @@ def run_method(label: str, args: argparse.Namespace, out: Path) -> dict[str, Any
             return recorded_summaries(out)[label]
     output = run_dir.with_name(f"{label}-{int(time.time())}")
     command = train_command(label, args, output)
+    commit = library_commit()  # the tree this row's process imports (a run spanning sessions may see several)
     log = out / "logs" / f"{label}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -163,8 +164,9 @@ def run_method(label: str, args: argparse.Namespace, out: Path) -> dict[str, Any
     print(f"{label:<14} exit {code} in {time.perf_counter() - start:.0f} s (log: {log})", flush=True)
     if code != 0 or not (output / "summary.json").is_file():
         return None
+    summary = {**json.loads((output / "summary.json").read_text()), "library_commit": commit}
+    atomic_write(str(output / "summary.json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     install_dir(str(output), str(run_dir))
-    summary = json.loads((run_dir / "summary.json").read_text())
     record_summary(out, label, summary)
     return summary
 
@@ -551,17 +553,22 @@ def plots(rows: Rows, out: Path) -> list[Path]:
 
 
 # ---- main -----------------------------------------------------------------------------------------------------------
+def library_commit() -> str:
+    """The short commit of the checkout this script (and the rows it starts) runs from."""
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
+    return result.stdout.strip()
+
+
 def machine() -> dict[str, Any]:
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "commit": commit.strip(),
+        "commit": library_commit(),
     }
 
 
@@ -630,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     attach_memory(rows, memory, args.batch_size)
     ratios(rows)
     started["wall_seconds"] = round(time.perf_counter() - start, 1)
+    started["row_commits"] = {label: row.get("library_commit") for label, row in {**rows, **memory}.items()}
     results = {"settings": vars(args), "machine": started, "results": rows}
     text = json.dumps(results, indent=2, default=str)
     atomic_write(str(out / "results.json"), lambda tmp: Path(tmp).write_text(text))

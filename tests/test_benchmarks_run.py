@@ -145,6 +145,7 @@ def test_run_method_for_an_extra_seed(fake_train, tmp_path):
     assert "--task-seed" not in command  # the problems stay those of task seed 0 (the CLI's default)
     assert "--no-reload-check" not in command and "--set" not in command
     assert result["method"] == "lora"
+    assert result["library_commit"] == run.library_commit() != ""  # the row records the tree it ran from
     assert json.loads((tmp_path / "runs" / "lora#seed1" / "summary.json").read_text()) == result
     assert (tmp_path / "logs" / "lora#seed1.log").is_file()
 
