@@ -4,10 +4,11 @@
 input ``(tokens, in)``) is the one product the one-GEMM training path adds to a frozen layer's step
 (:class:`sparse_peft.sparse.delta.FusedSparseLinear`). ``torch.sparse.sampled_addmm`` computes it on the CPU as one
 dot product per entry over all tokens, reading ``x``'s columns from a transposed copy that does not fit a core's L2
-cache (and transposing ``g`` and ``x`` first with generic copies), about 5-7 GMAC/s on 2 cores here. ``kernels.c`` (next
+cache (and transposing ``g`` and ``x`` first with generic copies), about 4-7 GMAC/s on 2 cores here. ``kernels.c`` (next
 to this file) walks the tokens in chunks whose transposed slices of ``x`` and ``g`` (8 x 8 register transposes) stay in
-L2, eight entries of a row per inner loop; the tokens are split between ``torch.get_num_threads()`` OpenMP threads of
-torch's own pool, each summing into its own vector. Measured numbers and the chunk rule: :data:`CHUNK_TOKENS`.
+L2, eight entries of a row per inner loop; the tokens are split in equal shares between ``torch.get_num_threads()``
+OpenMP threads of torch's own pool, each summing into its own vector. Measured numbers and the chunk rule:
+:data:`CHUNK_TOKENS`.
 
 The kernel is compiled once per machine with the C compiler found as ``$CC``, ``cc``, ``gcc`` or ``clang``
 (``-O3 -march=native -fopenmp``, falling back to fewer flags: :data:`FLAG_SETS`) into ``<cache>/kernels/``
@@ -47,11 +48,13 @@ FLAG_SETS: tuple[tuple[str, ...], ...] = (
     ("-O3",),
 )
 
-#: Tokens per chunk. Measured on 2 CPU cores (AMD EPYC, 1 MiB L2 per core), torch 2.13, 800 tokens, masks of LoRA's
-#: budget ``(m + n)·16`` at random positions, medians of 15 round-robin rounds (``benchmarks/sddmm.py``,
-#: ``benchmarks/results/2026-12-03/sddmm.md``), speed-up over ``sampled_addmm`` at chunk 128 / 256 / 512 / 800:
-#: 576x576 2.25 / 2.99 / 2.82 / 1.95x; 192x576 2.20 / 3.23 / 3.10 / 2.16x; 1536x576 1.93 / 2.03 / 1.88 / 1.83x;
-#: 576x1536 2.41 / 2.85 / 2.31 / 1.96x. 256 is best at every shape.
+#: Tokens per chunk (at most; each thread's equal share of the tokens is cut into equal chunks). Measured on 2 CPU
+#: cores (AMD EPYC, 1 MiB L2 per core), torch 2.13, 800 tokens, masks of LoRA's budget ``(m + n)·16`` at random
+#: positions, medians of 15 round-robin rounds (``benchmarks/sddmm.py``, ``benchmarks/results/2026-12-03/sddmm.md``),
+#: speed-up over ``sampled_addmm`` at chunk 128 / 256 / 512: 576x576 1.75 / 2.18 / 2.57x; 192x576 1.53 / 2.00 /
+#: 2.21x; 1536x576 1.80 / 2.15 / 2.22x; 576x1536 1.93 / 2.05 / 2.02x. 512 (no cut of a thread's 400 tokens) and 256
+#: are within a few percent at the larger matrices; 256 keeps a chunk of ``x`` and ``g`` near the L2 size for longer
+#: batches. (Before the equal shares, a 512 / 288 split: 2.03-3.23x at 256 against a slower ``sampled_addmm`` run.)
 CHUNK_TOKENS = 256
 
 #: Below this many multiply-adds (entries x tokens) one thread does the whole product: handing work to a second

@@ -114,7 +114,7 @@ class SparsePattern:
     def sampled_grad(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``result[j] = (grad_outᵀ · x)[row_j, col_j]`` for every slot ``j``, without the dense product (SDDMM).
 
-        float32 CPU operands run the compiled kernel of :mod:`sparse_peft.sparse.cpu_kernel` (2.0-3.2x faster than
+        float32 CPU operands run the compiled kernel of :mod:`sparse_peft.sparse.cpu_kernel` (2.0-2.2x faster than
         ``sampled_addmm`` on SmolLM2's shapes here); everything else (CUDA, other dtypes, no C compiler)
         ``torch.sparse.sampled_addmm``."""
         compiled = cpu_kernel.sddmm(grad_out, x, self.crow, self.col_sorted, self.row_order)

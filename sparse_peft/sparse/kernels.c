@@ -8,13 +8,13 @@
  *
  * g is (T, m) and x is (T, n), both float32 row-major (a linear layer's output gradient and input, as autograd hands
  * them over); the entries are in CSR order (crow: m + 1 row pointers, col: their columns) and slot maps each CSR entry
- * to its place in the caller's value vector. The tokens are walked in chunks of `chunk`: each chunk of x and of the
- * caller's rows of g is transposed into two small buffers that stay in the core's L2 cache, and every entry's dot
- * product over the chunk runs from there, eight entries of a row at a time (then four, then one), so the inner loop
- * loads g once for eight products. The tokens are split between OpenMP threads, each summing into its own vector
- * (added up at the end): every thread then transposes only its own tokens of x and g, where a split by rows would
- * transpose all of x in every thread. Built with -fopenmp, the library binds to the libgomp.so.1 that torch has
- * already loaded, so it shares torch's thread pool; built without, it runs on one thread.
+ * to its place in the caller's value vector. The tokens are split into equal shares between OpenMP threads, and each
+ * share is walked in equal chunks of at most `chunk` tokens: each chunk of x and of g is transposed into two small
+ * buffers that stay in the core's L2 cache, and every entry's dot product over the chunk runs from there, eight
+ * entries of a row at a time (then four, then one), so the inner loop loads g once for eight products. Each thread
+ * sums into its own vector (added up at the end) and transposes only its own tokens of x and g, where a split by rows
+ * would transpose all of x in every thread. Built with -fopenmp, the library binds to the libgomp.so.1 that torch
+ * has already loaded, so it shares torch's thread pool; built without, it runs on one thread.
  *
  * Returns 0, or nonzero when a thread could not allocate its two buffers.
  */
@@ -142,8 +142,11 @@ static int sddmm_tokens(const float *g, const float *x, const int64_t *crow, con
         return 1;
     }
     for (int64_t e = 0; e < crow[m]; e++) out[e] = 0.f;
-    for (int64_t t0 = t_lo; t0 < t_hi; t0 += chunk) {
-        int64_t c = t_hi - t0 < chunk ? t_hi - t0 : chunk;
+    /* As few chunks as `chunk` allows, all of one size (no short tail chunk). */
+    int64_t pieces = (t_hi - t_lo + chunk - 1) / chunk;
+    int64_t step = pieces > 0 ? (t_hi - t_lo + pieces - 1) / pieces : chunk;
+    for (int64_t t0 = t_lo; t0 < t_hi; t0 += step) {
+        int64_t c = t_hi - t0 < step ? t_hi - t0 : step;
         transpose_chunk(x + t0 * n, n, c, 0, n, xb, chunk);
         transpose_chunk(g + t0 * m, m, c, 0, m, gb, chunk);
         for (int64_t i = 0; i < m; i++)
@@ -158,9 +161,9 @@ int sparse_peft_sddmm_f32(const float *g, const float *x, const int64_t *crow, c
                           const int64_t *slot, float *out, int64_t m, int64_t n, int64_t tokens, int64_t chunk,
                           int64_t threads) {
     /* out holds `threads` vectors of crow[m] floats; the result is the first. */
-    int64_t nnz = crow[m], chunks = (tokens + chunk - 1) / chunk, used = 1;
+    int64_t nnz = crow[m], used = 1;
     int failed = 0;
-    if (threads > chunks) threads = chunks;
+    if (threads > tokens) threads = tokens;
     if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -170,8 +173,8 @@ int sparse_peft_sddmm_f32(const float *g, const float *x, const int64_t *crow, c
         nt = omp_get_num_threads();
 #endif
         if (tid == 0) used = nt;
-        int64_t lo = (chunks * tid / nt) * chunk, hi = (chunks * (tid + 1) / nt) * chunk;
-        failed |= sddmm_tokens(g, x, crow, col, slot, out + tid * nnz, m, n, lo, hi < tokens ? hi : tokens, chunk);
+        int64_t lo = tokens * tid / nt, hi = tokens * (tid + 1) / nt; /* equal shares of the tokens */
+        failed |= sddmm_tokens(g, x, crow, col, slot, out + tid * nnz, m, n, lo, hi, chunk);
     }
     for (int64_t part = 1; part < used; part++)
         for (int64_t e = 0; e < nnz; e++) out[e] += out[part * nnz + e];
