@@ -3,6 +3,7 @@ the entry add / restore bitwise, their build cache, and the fallback to torch's 
 
 from __future__ import annotations
 
+import subprocess
 import warnings
 
 import pytest
@@ -85,18 +86,36 @@ def test_fallback_to_sampled_addmm_gives_the_same_gradient(monkeypatch, reason):
 def test_build_is_cached_per_machine_and_never_half_written(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSE_PEFT_CACHE", str(tmp_path))
     compiler = cpu_kernel._compiler()
-    first = cpu_kernel._build(compiler)
-    assert first.parent == tmp_path / "kernels" and first.exists()
-    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary file left behind
+    assert cpu_kernel._load(compiler) is not None
+    [built] = (tmp_path / "kernels").iterdir()  # one build, no temporary file left behind
+    assert built == cpu_kernel._target(compiler, cpu_kernel.FLAG_SETS[0])
 
     def no_compile(command):
         raise AssertionError("rebuilt a cached kernel")
 
     monkeypatch.setattr(cpu_kernel, "_compile", no_compile)
-    assert cpu_kernel._build(compiler) == first
+    assert cpu_kernel._load(compiler) is not None
     monkeypatch.setattr(cpu_kernel, "_cpu_fingerprint", lambda: "another CPU")
     with pytest.raises(AssertionError, match="rebuilt a cached kernel"):
-        cpu_kernel._build(compiler)  # another CPU's build is never reused
+        cpu_kernel._load(compiler)  # another CPU's build is never reused
+
+
+def test_a_compiler_that_hangs_falls_back_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSE_PEFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: "/usr/bin/cc")
+
+    def hang(command):
+        raise subprocess.TimeoutExpired(command, 120)
+
+    monkeypatch.setattr(cpu_kernel, "_compile", hang)
+    cpu_kernel._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="did not build"):
+            assert not cpu_kernel.available()
+        pattern, g, x, expected = _case(10, 12, 30, 9)
+        torch.testing.assert_close(pattern.sampled_grad(g, x), expected, rtol=1e-4, atol=1e-4)
+    finally:
+        cpu_kernel._library.cache_clear()
 
 
 def test_no_compiler_warns_once_and_falls_back(monkeypatch):
@@ -122,15 +141,56 @@ def test_entry_add_and_restore_are_bitwise_those_of_index_add():
     values = torch.randn(700, generator=generator) * 1e-3
     expected = weight.clone().index_add_(0, index, values)
     original = weight.clone()
-    saved = cpu_kernel.add_entries(weight, index, values)
-    assert saved is not None and torch.equal(weight, expected)
+    saved = torch.empty(700)
+    assert cpu_kernel.add_entries(weight, index, values, saved) and torch.equal(weight, expected)
     assert torch.equal(saved, original[index])
     assert cpu_kernel.put_entries(weight, index, saved)
     assert torch.equal(weight, original)
 
 
+@needs_compiler
+def test_entry_restore_is_exact_where_a_position_repeats():
+    """LIFT's frozen entries may share a position with an active one: W must come back bitwise all the same."""
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(50, generator=generator)
+    index = torch.tensor([3, 7, 3, 11, 7, 3])
+    values = torch.randn(6, generator=generator)
+    original = weight.clone()
+    expected = weight.clone().index_add_(0, index, values)
+    saved = torch.empty(6)
+    assert cpu_kernel.add_entries(weight, index, values, saved)
+    torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6)
+    assert cpu_kernel.put_entries(weight, index, saved)
+    assert torch.equal(weight, original)
+
+
+def test_effective_weight_restores_the_base_with_repeated_positions():
+    from sparse_peft.sparse.delta import DeltaTerm, effective_weight
+
+    weight = torch.randn(6, 5)
+    original = weight.clone()
+    pattern = SparsePattern.build(torch.tensor([4, 9, 4, 22, 9]), (6, 5))
+    values = torch.randn(5)
+    with effective_weight(weight, [DeltaTerm(pattern, 5)], [values], torch.float32) as w_eff:
+        expected = original.view(-1).clone().index_add_(0, pattern.flat, values).view(6, 5)
+        torch.testing.assert_close(w_eff, expected, rtol=0, atol=1e-6)
+    assert torch.equal(weight, original)
+    with pytest.raises(ValueError, match="cannot apply to a weight of shape"):
+        with effective_weight(torch.randn(5, 6), [DeltaTerm(pattern, 5)], [values], torch.float32):
+            pass
+
+
+def test_sampled_grad_refuses_operands_of_other_shapes():
+    pattern = SparsePattern.build(torch.tensor([1, 5]), (3, 4))
+    with pytest.raises(ValueError, match="needs grad_out"):
+        pattern.sampled_grad(torch.randn(7, 3), torch.randn(7, 9))
+    with pytest.raises(ValueError, match="positive number of tokens"):
+        cpu_kernel.sddmm(torch.randn(7, 3), torch.randn(7, 4), pattern.crow, pattern.col_sorted, pattern.row_order, 0)
+
+
 def test_entry_kernels_leave_other_dtypes_to_torch():
     weight, index = torch.zeros(10, dtype=torch.bfloat16), torch.arange(3)
-    assert cpu_kernel.add_entries(weight, index, torch.ones(3, dtype=torch.bfloat16)) is None
+    saved = torch.empty(3, dtype=torch.bfloat16)
+    assert not cpu_kernel.add_entries(weight, index, torch.ones(3, dtype=torch.bfloat16), saved)
     assert not cpu_kernel.put_entries(weight, index, torch.ones(3, dtype=torch.bfloat16))
     assert torch.equal(weight, torch.zeros(10, dtype=torch.bfloat16))

@@ -84,23 +84,26 @@ def _cpu_fingerprint() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
-def _build(compiler: str) -> Path:
-    """Compile ``kernels.c`` into the cache (once per source, compiler, flags and CPU) and return the library's path."""
-    source = SOURCE.read_bytes()
+def _target(compiler: str, flags: tuple[str, ...]) -> Path:
+    """Where the build for these flags lives: a hash of source, compiler, flags and CPU in the name."""
+    parts = [SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode(), _cpu_fingerprint().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+    return cache_root() / "kernels" / f"kernels-{key}.so"
+
+
+def _load(compiler: str) -> ctypes.CDLL:
+    """The first flag set whose build compiles (or is cached) and loads; ``RuntimeError`` naming every failure."""
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(
-            b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_fingerprint().encode()])
-        ).hexdigest()[:20]
-        target = cache_root() / "kernels" / f"kernels-{key}.so"
-        if target.exists():
-            return target
-        command = [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o"]
+        target = _target(compiler, flags)
         try:
-            atomic_write(str(target), lambda tmp, command=command: _compile([*command, tmp]))
-            return target
-        except (OSError, subprocess.CalledProcessError) as error:
-            errors.append(f"{' '.join(flags)}: {error}")
+            if not target.exists():
+                command = [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o"]
+                atomic_write(str(target), lambda tmp, command=command: _compile([*command, tmp]))
+            return ctypes.CDLL(str(target))
+        except (OSError, subprocess.SubprocessError) as error:
+            detail = getattr(error, "stderr", b"") or b""
+            errors.append(f"{' '.join(flags)}: {error} {detail.decode(errors='replace').strip()[:300]}".strip())
     raise RuntimeError("; ".join(errors))
 
 
@@ -110,7 +113,7 @@ def _compile(command: list[str]) -> None:
 
 @functools.cache
 def _library() -> Optional[ctypes.CDLL]:
-    """The compiled kernel, or ``None`` (with one warning naming the reason) when it cannot be built."""
+    """The compiled kernels, or ``None`` (with one warning naming the reason) when they cannot be built or loaded."""
     compiler = _compiler()
     if compiler is None:
         warnings.warn(
@@ -120,8 +123,8 @@ def _library() -> Optional[ctypes.CDLL]:
         )
         return None
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, RuntimeError) as error:
+        library = _load(compiler)
+    except RuntimeError as error:
         warnings.warn(
             f"sparse_peft: the CPU SDDMM kernel did not build ({error}); falling back to "
             "torch.sparse.sampled_addmm (slower).",
@@ -165,38 +168,41 @@ def sddmm(
         return None
     g, x = g.contiguous(), x.contiguous()
     (tokens, m), n, nnz = g.shape, x.shape[1], col.numel()
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
     if nnz == 0 or tokens == 0:
-        return torch.zeros(nnz, dtype=torch.float32)
+        return torch.zeros(nnz, dtype=torch.float32, device="cpu")
     threads = max(1, min(torch.get_num_threads(), nnz * tokens // MIN_MACS_PER_THREAD))
-    out = torch.empty(threads * nnz, dtype=torch.float32)  # one vector per thread; the kernel sums into the first
+    out = torch.empty(
+        threads * nnz, dtype=torch.float32, device="cpu"
+    )  # one vector per thread; the kernel sums into the first
     pointers = [t.data_ptr() for t in (g, x, crow, col, slot, out)]
     if library.sparse_peft_sddmm_f32(*pointers, m, n, tokens, chunk, threads):
         raise MemoryError(f"sparse_peft SDDMM: could not allocate {(n + m) * chunk * 4} bytes of buffers per thread")
     return out[:nnz].clone()
 
 
-def add_entries(flat: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> Optional[torch.Tensor]:
-    """``flat[index] += values`` in place, returning the entries as they were (for :func:`put_entries`), or ``None``
-    when the kernel does not apply (then nothing was changed). ``index`` must hold unique positions.
+def add_entries(flat: torch.Tensor, index: torch.Tensor, values: torch.Tensor, saved: torch.Tensor) -> bool:
+    """``saved[e] = flat[index[e]]; flat[index[e]] += values[e]`` in place, in index order, or ``False`` (nothing
+    changed) when the kernel does not apply. :func:`put_entries` undoes it bitwise, repeated positions included.
 
-    The same single float32 add per entry as ``flat.index_add_(0, index, values)``, so the result is bitwise
-    equal; 5-20x faster than ``flat[index]`` + ``index_add_`` + ``flat[index] = saved`` on 12-34 thousand entries
-    here (the torch ops pay for generic indexing), which a training step runs twice per layer.
+    The same float32 adds as ``flat.index_add_(0, index, values)``, so the result is bitwise equal; 5-20x faster than
+    ``flat[index]`` + ``index_add_`` + ``flat[index] = saved`` on 12-34 thousand entries here (the torch ops pay for
+    generic indexing), which a training step runs twice per layer.
     """
-    if not _entries_apply(flat, index, values):
-        return None
+    if not (_entries_apply(flat, index, values) and saved.shape == values.shape and _entries_apply(flat, index, saved)):
+        return False
     library = _library()
     if library is None:
-        return None
-    saved = torch.empty_like(values)
+        return False
     library.sparse_peft_add_entries_f32(
         flat.data_ptr(), index.data_ptr(), values.data_ptr(), saved.data_ptr(), index.numel()
     )
-    return saved
+    return True
 
 
 def put_entries(flat: torch.Tensor, index: torch.Tensor, saved: torch.Tensor) -> bool:
-    """``flat[index] = saved`` in place; ``False`` (nothing done) when the kernel does not apply."""
+    """``flat[index] = saved`` in place, last entry first; ``False`` (nothing done) when the kernel does not apply."""
     if not _entries_apply(flat, index, saved):
         return False
     library = _library()

@@ -117,6 +117,11 @@ class SparsePattern:
         float32 CPU operands run the compiled kernel of :mod:`sparse_peft.sparse.cpu_kernel` (2.0-2.2x faster than
         ``sampled_addmm`` on SmolLM2's shapes here); everything else (CUDA, other dtypes, no C compiler)
         ``torch.sparse.sampled_addmm``."""
+        if grad_out.shape[-1] != self.shape[0] or x.shape[-1] != self.shape[1] or grad_out.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"sampled gradient of a {self.shape} delta needs grad_out (tokens, {self.shape[0]}) and x (tokens, "
+                f"{self.shape[1]}); got {tuple(grad_out.shape)} and {tuple(x.shape)}"
+            )
         compiled = cpu_kernel.sddmm(grad_out, x, self.crow, self.col_sorted, self.row_order)
         if compiled is not None:
             return compiled
@@ -242,16 +247,22 @@ def effective_weight(
     target = weight.data if in_place else base.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
     flat = target.view(-1)
     originals: list[torch.Tensor] = []
+    for term in terms:
+        if term.pattern.shape != tuple(target.shape):
+            raise ValueError(
+                f"a sparse delta of shape {term.pattern.shape} cannot apply to a weight of shape {tuple(target.shape)}"
+            )
     try:
         for term, vals in zip(terms, values, strict=True):
             add = vals.detach().to(dtype)
-            saved = cpu_kernel.add_entries(flat, term.pattern.flat, add) if in_place else None
-            if saved is None:
-                if in_place:
-                    saved = flat[term.pattern.flat]
+            if not in_place:
                 flat.index_add_(0, term.pattern.flat, add)
-            if in_place:
-                originals.append(saved)
+                continue
+            saved = torch.empty_like(add)
+            originals.append(saved)  # before W changes: the finally block restores whatever was added
+            if not cpu_kernel.add_entries(flat, term.pattern.flat, add, saved):
+                saved.copy_(flat[term.pattern.flat])
+                flat.index_add_(0, term.pattern.flat, add)
         yield target
     finally:
         for term, saved in zip(reversed(terms[: len(originals)]), reversed(originals), strict=True):

@@ -182,7 +182,7 @@ int sparse_peft_sddmm_f32(const float *g, const float *x, const int64_t *crow, c
 }
 
 void sparse_peft_add_entries_f32(float *w, const int64_t *idx, const float *values, float *saved, int64_t k) {
-    /* saved[e] = w[idx[e]]; w[idx[e]] = saved[e] + values[e]: the same single float add as index_add_ (unique idx). */
+    /* saved[e] = w[idx[e]]; w[idx[e]] = saved[e] + values[e], in index order: the float adds of index_add_. */
     for (int64_t e = 0; e < k; e++) {
         float original = w[idx[e]];
         saved[e] = original;
@@ -191,6 +191,7 @@ void sparse_peft_add_entries_f32(float *w, const int64_t *idx, const float *valu
 }
 
 void sparse_peft_put_entries_f32(float *w, const int64_t *idx, const float *saved, int64_t k) {
-    /* w[idx[e]] = saved[e]: puts the originals back. */
-    for (int64_t e = 0; e < k; e++) w[idx[e]] = saved[e];
+    /* w[idx[e]] = saved[e] in reverse order: where a position repeats (LIFT's frozen entries may share one with an
+       active entry), its first occurrence saved the true original and is written last. */
+    for (int64_t e = k; e-- > 0;) w[idx[e]] = saved[e];
 }
