@@ -127,6 +127,7 @@ def test_no_compiler_warns_once_and_falls_back(monkeypatch):
             assert not cpu_kernel.available()
             assert not cpu_kernel.available()
         assert len([w for w in caught if "no C compiler" in str(w.message)]) == 1
+        assert not cpu_kernel.snell_applies(torch.zeros(2))  # SNELL takes torch's path too
         pattern, g, x, expected = _case(10, 12, 30, 9)
         torch.testing.assert_close(pattern.sampled_grad(g, x), expected, rtol=1e-4, atol=1e-4)
     finally:

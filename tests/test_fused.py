@@ -16,6 +16,7 @@ from sparse_peft import LiftConfig, LiftLinear
 from sparse_peft.sparse.delta import (
     FUSED_MIN_TOKENS,
     DeltaTerm,
+    LowRank,
     SparsePattern,
     dense_delta,
     fused_sparse_linear,
@@ -57,6 +58,53 @@ def test_forward_and_gradients_equal_the_dense_computation():
     assert torch.allclose(v2.grad[:15], d2.grad.reshape(-1)[t2.pattern.flat[:15]])
     assert torch.all(v2.grad[15:] == 0)  # the frozen tail takes part in the forward only
     assert torch.equal(weight, original)  # W_eff was built in W's storage and undone bitwise
+
+
+def test_folded_low_rank_terms_equal_the_dense_computation(monkeypatch):
+    """Two sparse terms and two low-rank terms (one frozen) folded into W_eff: y and every gradient equal autograd
+    through the dense W + s₁B₁A₁ + s₂B₂A₂ + ΔW₁ + ΔW₂; W is never written, nothing weight-sized is saved."""
+    weight, bias = _weight(), torch.randn(SHAPE[0], dtype=torch.float64)
+    original = weight.clone()
+    (t1, v1), (t2, v2) = _term(30, 0), _term(20, 1)
+    g = torch.Generator().manual_seed(5)
+    a1 = torch.randn(3, SHAPE[1], generator=g, dtype=torch.float64, requires_grad=True)
+    b1 = torch.randn(SHAPE[0], 3, generator=g, dtype=torch.float64, requires_grad=True)
+    a2 = torch.randn(2, SHAPE[1], generator=g, dtype=torch.float64)
+    b2 = torch.randn(SHAPE[0], 2, generator=g, dtype=torch.float64)
+    low_rank = [LowRank(a1, b1, 0.5), LowRank(a2, b2, -2.0)]
+    records = _track_builds(monkeypatch)
+    x = torch.randn(2, 5, SHAPE[1], dtype=torch.float64, requires_grad=True)  # 100 < 120 entries of W
+    probe = torch.randn(2, 5, SHAPE[0], dtype=torch.float64)
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = fused_sparse_linear(x, lambda: weight, bias, [t1, t2], [v1, v2], low_rank)
+    (y * probe).sum().backward()
+    assert max(saved) < SHAPE[0] * SHAPE[1] and not any(own for _, own, _ in records)
+    assert torch.equal(weight, original)
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, v1, v2, a1, b1)]
+    x_r, v1_r, v2_r, a1_r, b1_r = leaves
+    dense = weight + 0.5 * b1_r @ a1_r - 2.0 * b2 @ a2
+    dense = dense + dense_delta(v1_r, t1.pattern.flat, SHAPE) + dense_delta(v2_r, t2.pattern.flat, SHAPE)
+    y_ref = x_r @ dense.t() + bias
+    (y_ref * probe).sum().backward()
+    assert torch.allclose(y, y_ref)
+    for got, want in zip((x, v1, v2, a1, b1), leaves, strict=True):
+        assert torch.allclose(got.grad, want.grad)
+
+
+def test_low_rank_terms_alone_and_gradcheck():
+    """A layer whose sparse part is empty (RoSA at density 0) still folds its LoRA; gradcheck on x, A and B."""
+    weight = _weight((5, 4))
+    a = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+
+    def run(x_, a_, b_):
+        return fused_sparse_linear(x_, lambda: weight, None, [], [], [LowRank(a_, b_, 1.5)])
+
+    assert torch.allclose(run(x, a, b), x @ (weight + 1.5 * b @ a).t())
+    assert torch.autograd.gradcheck(run, (x, a, b))
 
 
 def test_gradcheck():

@@ -98,6 +98,36 @@ def test_sparse_gradient_equals_dense_gradient_at_the_mask():
     assert layer.lora_A["default"].grad is not None and layer.lora_B["default"].grad.abs().sum() > 0
 
 
+def test_lora_folded_into_the_one_gemm_trains_as_its_own_branch(monkeypatch):
+    """With a frozen base the LoRA joins W_eff (one GEMM, LowRank terms); with a trainable base (the unfused path:
+    base + CSR delta + s·B(Ax)) the loss and every adapter gradient are the same."""
+    import sparse_peft.sparse.delta as delta_mod
+
+    model, _ = make(init_weights=False)
+    model.train()
+    folded = []
+    original = delta_mod.FusedSparseLinear.apply
+    monkeypatch.setattr(delta_mod.FusedSparseLinear, "apply", lambda *a: folded.append(len(a[5])) or original(*a))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(INPUT, labels=INPUT).loss
+        loss.backward()
+        grads = [p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and "rosa" in n]
+        return loss.detach(), grads
+
+    loss, grads = loss_and_grads()
+    assert folded and all(count == 1 for count in folded)  # every layer folded its one LoRA
+    for layer in rosa_layers(model):
+        layer.get_base_layer().weight.requires_grad_(True)
+    folded.clear()
+    loss_ref, grads_ref = loss_and_grads()
+    assert not folded
+    assert torch.allclose(loss, loss_ref, rtol=1e-5)
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("score", ["mean_squared", "mean"])
 def test_collected_statistic_is_the_dense_gradient_and_mask_its_top_k(score):
     model, optimizer = make(schedule="default", mask_score=score)

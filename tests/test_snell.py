@@ -10,6 +10,7 @@ from conftest import INPUT, tiny_llama, train_steps
 from peft import PeftModel, get_peft_model
 
 from sparse_peft import SnellConfig, SnellLinear
+from sparse_peft.sparse import cpu_kernel
 from sparse_peft.sparse.kernel_delta import kernel_sparse_linear, kernel_sparse_matmul
 
 
@@ -296,3 +297,86 @@ def test_default_init_is_not_identity_but_small():
     big_a, big_b = init_factors(576, 576, 8, False, seed=0)
     assert sparse_kernel_weight(big_a, big_b, 0.1, round(0.9 * 576 * 576)).norm().item() > 100 * norm
     assert not SnellConfig().starts_as_identity
+
+
+# ---- the compiled kernels (section 3 of sparse_peft/sparse/kernels.c) ---------------------------------------------
+needs_compiler = pytest.mark.skipif(cpu_kernel._compiler() is None, reason="no C compiler: the kernel cannot build")
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kth_abs_is_kthvalue_of_the_magnitudes(threads, monkeypatch):
+    """The radix select returns torch.kthvalue(|v|)'s value exactly: ties, zeros of both signs, tiny and huge values."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    generator = torch.Generator().manual_seed(3)
+    cases = [
+        torch.tensor([-2.5]),
+        torch.tensor([0.0, -0.0, 3.0, -3.0, 1e-30, -1e30, 2.0]),
+        torch.randint(-4, 5, (1001,), generator=generator).float(),  # many ties
+        torch.randn(70_003, generator=generator) * torch.rand(70_003, generator=generator).pow(8),
+    ]
+    for values in cases:
+        n = values.numel()
+        for k in sorted({1, min(2, n), max(1, n // 3), n // 2 + 1, max(1, n - 1), n}):
+            assert cpu_kernel.kth_abs(values, k) == torch.kthvalue(values.abs(), k).values.item(), (n, k)
+    with pytest.raises(ValueError, match="k must be in"):
+        cpu_kernel.kth_abs(torch.ones(3), 4)
+
+
+@needs_compiler
+@pytest.mark.parametrize("kernels", ["compiled-dense", "compiled-sparse", "torch"])
+def test_float32_layer_matches_the_dense_formulation(kernels, monkeypatch):
+    """A float32 CPU layer with a trainable and a frozen term (an identity init's shape) runs on the compiled kernels
+    (the factors' gradients from the dense ``gᵀx`` or from its SDDMM at the survivors) or, switched off, on torch's:
+    y, ∂x and the trainable factors' gradients match autograd through the dense formula in float64."""
+    import sparse_peft.sparse.kernel_delta as kd
+
+    if kernels == "torch":
+        monkeypatch.setenv(cpu_kernel.SWITCH_ENV_VAR, "0")
+    monkeypatch.setattr(kd, "SPARSE_GRAD_MAX_KEPT", 1.0 if kernels == "compiled-sparse" else 0.0)
+    calls = []
+    for name in ("snell_backward", "snell_sparse_grads"):
+        original = getattr(cpu_kernel, name)
+        monkeypatch.setattr(cpu_kernel, name, lambda *a, f=original, n=name, **k: calls.append(n) or f(*a, **k))
+    torch.manual_seed(1)
+    weight = torch.randn(37, 45)
+    x = torch.randn(3, 11, 45, requires_grad=True)
+    a, b = torch.randn(2, 45, 4, requires_grad=True), torch.randn(2, 37, 4, requires_grad=True)
+    a0, b0 = torch.randn(2, 45, 4), torch.randn(2, 37, 4)
+    g = torch.randn(3, 11, 37)
+    n_drop = round(0.8 * 37 * 45)
+    y = kernel_sparse_linear(x, lambda: weight, None, [(a, b), (a0, b0)], [0.3, -0.3], [n_drop, n_drop])
+    grads = torch.autograd.grad(y, (x, a, b), g)
+    expected = {
+        "compiled-dense": ["snell_backward", "snell_backward"],
+        "compiled-sparse": ["snell_sparse_grads", "snell_backward"],  # the frozen term only rebuilds W_eff
+        "torch": [],
+    }
+    assert calls == expected[kernels]
+    leaves = [t.detach().double().requires_grad_() for t in (x, a, b)]
+    y_ref = leaves[0] @ weight.double().t() + dense_reference(leaves[0], leaves[1], leaves[2], 0.3, n_drop)
+    y_ref = y_ref + dense_reference(leaves[0], a0.double(), b0.double(), -0.3, n_drop)
+    ref = torch.autograd.grad(y_ref, leaves, g.double())
+    assert torch.allclose(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, ref, strict=True):
+        assert torch.allclose(got.double(), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+
+
+@needs_compiler
+def test_compiled_and_torch_kernels_train_a_model_alike(monkeypatch):
+    """The same model's loss and factor gradients with the compiled kernels and with torch's."""
+    model = get_peft_model(tiny_llama(), SnellConfig(r=4, sparsity=0.7, init_weights=False))
+    model.train()
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(INPUT, labels=INPUT).loss
+        loss.backward()
+        return loss.detach(), [layer.sparse_peft_snell_B["default"].grad.clone() for layer in snell_layers(model)]
+
+    loss, grads = loss_and_grads()
+    monkeypatch.setenv(cpu_kernel.SWITCH_ENV_VAR, "0")
+    loss_torch, grads_torch = loss_and_grads()
+    assert torch.allclose(loss, loss_torch, rtol=1e-5)
+    for got, want in zip(grads, grads_torch, strict=True):
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())

@@ -134,6 +134,25 @@ def test_exact_gradients_equal_autograd_of_the_dense_formula(method):
         assert torch.allclose(fast, reference, atol=1e-10)
 
 
+def test_lors_exact_gradient_of_two_active_adapters_is_the_masked_dense_one():
+    """Two active LoRS adapters share one masked ``gᵀx``: each pair's gradient is ``s·Bᵀ G_M`` / ``s·G_M Aᵀ``,
+    written out here from the dense product and the base's zero pattern."""
+    model = adapted("lors", init_weights=False)
+    model.add_adapter("other", LorsConfig(r=3, init_weights=False, seed=2))
+    model.base_model.set_adapter(["default", "other"])
+    layer = layers(model)[0].double()
+    x = torch.randn(6, layer.in_features, dtype=torch.float64)
+    g = torch.randn(6, layer.out_features, dtype=torch.float64)
+    layer(x).backward(g)
+    masked = (g.t() @ x) * (layer.get_base_layer().weight != 0)
+    for name in ("default", "other"):
+        a, b = layer.factors(name)
+        s = layer.adapter_configs[name].scaling
+        assert torch.allclose(a.grad, s * b.detach().t() @ masked) and torch.allclose(
+            b.grad, s * masked @ a.detach().t()
+        )
+
+
 def test_lors_straight_through_gradient_is_the_unmasked_lora_gradient():
     layer = layers(adapted("lors_st", init_weights=False))[0].double()
     a, b = layer.factors("default")

@@ -1,4 +1,6 @@
-"""The CPU SDDMM behind every entry-sparse delta's ``∂values``: a small C kernel compiled on first use.
+"""Compiled CPU kernels: the SDDMM behind every entry-sparse delta's ``∂values``, and SNELL's kernelised delta.
+
+Both live in one small C file (``kernels.c``) compiled on first use.
 
 ``∂L/∂values[j] = Σ_t g[t, row_j] · x[t, col_j]`` (``g``: the layer's output gradient ``(tokens, out)``, ``x``: its
 input ``(tokens, in)``) is the one product the one-GEMM training path adds to a frozen layer's step
@@ -18,6 +20,13 @@ rename, so concurrent processes (DDP ranks) never load a half-written library. W
 ``SPARSE_PEFT_CPU_KERNEL=0``, or when the build fails, :func:`sddmm` returns ``None`` and callers use
 ``torch.sparse.sampled_addmm`` (one warning says why).
 CUDA tensors never come here: cuSPARSE's SDDMM serves them.
+
+SNELL (:func:`snell_delta`, :func:`kth_abs`, :func:`snell_apply`, :func:`snell_backward`; used by
+:mod:`sparse_peft.sparse.kernel_delta` for float32 CPU layers): the kernel ``ΔW = c·(‖B_0[o] − A_0[i]‖ −
+‖B_1[o] − A_1[i]‖)`` row by row without a distance matrix, the competition threshold ``τ`` by an exact radix select
+(three counting passes instead of ``kthvalue``'s copy and partition), and one sweep per pass that adds the survivors
+into ``W`` and, in backward, accumulates both factor pairs' gradients from ``gᵀx``. Torch's ``cdist`` /
+``kthvalue`` / elementwise path remains for other dtypes and devices and when the kernels are off.
 """
 
 from __future__ import annotations
@@ -117,8 +126,8 @@ def _library() -> Optional[ctypes.CDLL]:
     compiler = _compiler()
     if compiler is None:
         warnings.warn(
-            "sparse_peft: no C compiler found ($CC, cc, gcc, clang); the CPU SDDMM of sparse deltas falls "
-            "back to torch.sparse.sampled_addmm (slower). Install gcc to build the kernel.",
+            "sparse_peft: no C compiler found ($CC, cc, gcc, clang); the CPU kernels of sparse deltas (SDDMM, "
+            "SNELL) fall back to torch's operations (slower). Install gcc to build them.",
             stacklevel=3,
         )
         return None
@@ -126,8 +135,8 @@ def _library() -> Optional[ctypes.CDLL]:
         library = _load(compiler)
     except RuntimeError as error:
         warnings.warn(
-            f"sparse_peft: the CPU SDDMM kernel did not build ({error}); falling back to "
-            "torch.sparse.sampled_addmm (slower).",
+            f"sparse_peft: the CPU kernels did not build ({error}); falling back to torch's operations "
+            "(torch.sparse.sampled_addmm, cdist; slower).",
             stacklevel=3,
         )
         return None
@@ -138,7 +147,29 @@ def _library() -> Optional[ctypes.CDLL]:
     library.sparse_peft_add_entries_f32.restype = None
     library.sparse_peft_put_entries_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64]
     library.sparse_peft_put_entries_f32.restype = None
+    _declare_snell(library)
     return library
+
+
+def _declare_snell(library: ctypes.CDLL) -> None:
+    """The argument types of SNELL's four functions (section 3 of ``kernels.c``)."""
+    pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    library.sparse_peft_snell_delta_f32.argtypes = [pointer, pointer, size, size, size, real, pointer, size]
+    library.sparse_peft_snell_delta_f32.restype = ctypes.c_int
+    library.sparse_peft_kth_abs_f32.argtypes = [pointer, size, size, size]
+    library.sparse_peft_kth_abs_f32.restype = real
+    library.sparse_peft_snell_apply_f32.argtypes = [pointer, real, pointer, pointer, size, size]
+    library.sparse_peft_snell_apply_f32.restype = None
+    library.sparse_peft_snell_backward_f32.argtypes = [pointer] * 3 + [size] * 3 + [real, real] + [pointer] * 4 + [size]
+    library.sparse_peft_snell_backward_f32.restype = ctypes.c_int
+    library.sparse_peft_snell_count_f32.argtypes = [pointer, pointer, size, size, size, real, real, pointer, size]
+    library.sparse_peft_snell_count_f32.restype = size
+    library.sparse_peft_snell_fill_f32.argtypes = (
+        [pointer, pointer] + [size] * 3 + [real, real] + [pointer] * 6 + [size]
+    )
+    library.sparse_peft_snell_fill_f32.restype = ctypes.c_int
+    library.sparse_peft_snell_sparse_grads_f32.argtypes = [pointer] * 7 + [size] * 3 + [pointer, pointer, size]
+    library.sparse_peft_snell_sparse_grads_f32.restype = None
 
 
 def available() -> bool:
@@ -241,3 +272,127 @@ def _applies(g: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Te
         and col.is_contiguous()
         and slot.is_contiguous()
     )
+
+
+# ---- SNELL (section 3 of kernels.c) ----------------------------------------------------------------------------------
+def snell_applies(*tensors: torch.Tensor) -> bool:
+    """Whether SNELL's compiled kernels take these tensors (all float32 on the CPU, switch on, library built)."""
+    return (
+        enabled()
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided for t in tensors)
+        and _library() is not None
+    )
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def snell_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``ΔW[o, i] = c·(‖B_0[o] − A_0[i]‖ − ‖B_1[o] − A_1[i]‖)``, ``(m, n)`` float32, for ``a``: ``(2, n, h)``, ``b``:
+    ``(2, m, h)`` float32 CPU tensors (check :func:`snell_applies` first)."""
+    at, b = a.detach().transpose(1, 2).contiguous(), b.detach().contiguous()
+    (_, m, h), n = b.shape, at.shape[2]
+    delta = torch.empty(m, n, dtype=torch.float32)
+    if _library().sparse_peft_snell_delta_f32(
+        at.data_ptr(), b.data_ptr(), m, n, h, scale, delta.data_ptr(), _threads()
+    ):
+        raise MemoryError(f"sparse_peft SNELL kernel: could not allocate {2 * n * 4} bytes per thread")
+    return delta
+
+
+def kth_abs(values: torch.Tensor, k: int) -> float:
+    """The ``k``-th smallest ``|values|`` (``1 ≤ k ≤ numel``), exactly (a radix select; ``torch.kthvalue``'s value)."""
+    flat = values.detach().contiguous().view(-1)
+    if not 1 <= k <= flat.numel():
+        raise ValueError(f"k must be in [1, {flat.numel()}], got {k}")
+    return float(_library().sparse_peft_kth_abs_f32(flat.data_ptr(), flat.numel(), k, _threads()))
+
+
+def snell_apply(delta: torch.Tensor, tau: float, base: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = base + ΔW ⊙ |ΔW| ⊙ 1[|ΔW| > τ]`` (``out`` may be ``base``); all ``(m, n)`` contiguous float32."""
+    for tensor in (delta, base, out):
+        if tensor.shape != delta.shape or not tensor.is_contiguous():
+            raise ValueError(f"snell_apply needs contiguous tensors of shape {tuple(delta.shape)}")
+    _library().sparse_peft_snell_apply_f32(
+        delta.data_ptr(), tau, base.data_ptr(), out.data_ptr(), delta.numel(), _threads()
+    )
+
+
+def snell_backward(
+    grad: Optional[torch.Tensor],
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    tau: float,
+    base: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """One term's ``(∂L/∂A, ∂L/∂B)`` from ``grad`` ``= ∂L/∂ΔW_s`` (``(m, n)``; ``None``: no factor gradients) and,
+    with ``base`` and ``out``, ``out = base + ΔW_s`` in the same sweep (``out`` may be ``base``)."""
+    at, b = a.detach().transpose(1, 2).contiguous(), b.detach().contiguous()
+    (_, m, h), n, threads = b.shape, at.shape[2], _threads()
+    for tensor in (grad, base, out):
+        if tensor is not None and (tuple(tensor.shape) != (m, n) or not tensor.is_contiguous()):
+            raise ValueError(f"snell_backward needs contiguous ({m}, {n}) tensors, got {tuple(tensor.shape)}")
+    if (base is None) != (out is None):
+        raise ValueError("snell_backward needs both base and out, or neither")
+    grad_at = torch.zeros(threads, 2, h, n) if grad is not None else None
+    grad_b = torch.empty(2, m, h) if grad is not None else None
+    pointers = [0 if t is None else t.data_ptr() for t in (grad, at, b)]
+    rest = [0 if t is None else t.data_ptr() for t in (base, out, grad_at, grad_b)]
+    if _library().sparse_peft_snell_backward_f32(*pointers, m, n, h, scale, tau, *rest, threads):
+        raise MemoryError(f"sparse_peft SNELL kernel: could not allocate {4 * n * 4} bytes per thread")
+    if grad_at is None:
+        return None, None
+    return grad_at[0].transpose(1, 2).contiguous(), grad_b
+
+
+def snell_survivors(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    tau: float,
+    base: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The survivors ``|ΔW| > τ`` of one term in CSR order: ``(crow, col, coef_0, coef_1)`` with ``coef_p =
+    ±c·|ΔW| / d_p`` (so ``M_p = G·coef_p`` at the survivors) and, with ``base`` and ``out``, ``out = base + ΔW_s``
+    in the same sweep."""
+    at, b = a.detach().transpose(1, 2).contiguous(), b.detach().contiguous()
+    (_, m, h), n, threads = b.shape, at.shape[2], _threads()
+    if (base is None) != (out is None):
+        raise ValueError("snell_survivors needs both base and out, or neither")
+    library = _library()
+    crow = torch.empty(m + 1, dtype=torch.int64)
+    total = library.sparse_peft_snell_count_f32(
+        at.data_ptr(), b.data_ptr(), m, n, h, scale, tau, crow.data_ptr(), threads
+    )
+    if total < 0:
+        raise MemoryError(f"sparse_peft SNELL kernel: could not allocate {2 * n * 4} bytes per thread")
+    col = torch.empty(total, dtype=torch.int64)
+    coef0, coef1 = torch.empty(total), torch.empty(total)
+    rest = [0 if t is None else t.data_ptr() for t in (base, out)]
+    pointers = [t.data_ptr() for t in (crow, col, coef0, coef1)]
+    if library.sparse_peft_snell_fill_f32(at.data_ptr(), b.data_ptr(), m, n, h, scale, tau, *pointers, *rest, threads):
+        raise MemoryError(f"sparse_peft SNELL kernel: could not allocate {2 * n * 4} bytes per thread")
+    return crow, col, coef0, coef1
+
+
+def snell_sparse_grads(
+    gk: torch.Tensor,
+    survivors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    a: torch.Tensor,
+    b: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂L/∂A, ∂L/∂B)`` of one term from ``gk = ∂L/∂ΔW_s`` at its survivors (CSR order of
+    :func:`snell_survivors`)."""
+    crow, col, coef0, coef1 = survivors
+    a, b = a.detach().contiguous(), b.detach().contiguous()
+    (_, m, h), n, threads = b.shape, a.shape[1], _threads()
+    grad_a, grad_b = torch.zeros(threads, 2, n, h), torch.empty(2, m, h)
+    tensors = (gk.contiguous(), crow, col, coef0, coef1, a, b)
+    _library().sparse_peft_snell_sparse_grads_f32(
+        *[t.data_ptr() for t in tensors], m, n, h, grad_a.data_ptr(), grad_b.data_ptr(), threads
+    )
+    return grad_a[0].clone(), grad_b

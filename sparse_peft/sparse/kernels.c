@@ -17,9 +17,13 @@
  * has already loaded, so it shares torch's thread pool; built without, it runs on one thread.
  *
  * Returns 0, or nonzero when a thread could not allocate its two buffers.
+ *
+ * 3. SNELL's kernelised delta (sparse_peft/sparse/kernel_delta.py), section at the end of this file.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -194,4 +198,279 @@ void sparse_peft_put_entries_f32(float *w, const int64_t *idx, const float *save
     /* w[idx[e]] = saved[e] in reverse order: where a position repeats (LIFT's frozen entries may share one with an
        active entry), its first occurrence saved the true original and is written last. */
     for (int64_t e = k; e-- > 0;) w[idx[e]] = saved[e];
+}
+
+/* ---- 3. SNELL ------------------------------------------------------------------------------------------------------
+ * Factors of one kernel term: at = (2, h, n), the input-side A_p transposed (at[p][k][i] = A_p[i][k]), and
+ * b = (2, m, h), the output side. For every entry (o, i) of the (m, n) weight:
+ *
+ *   d_p[o, i] = ||B_p[o] - A_p[i]||,   delta[o, i] = c * (d_0 - d_1)
+ *   tau = the k-th smallest |delta| (k = round(s * m * n)),   delta_s = delta * |delta| * [|delta| > tau]
+ *
+ * A row's distances come from h passes over two n-float buffers (vectorised over i), so no (m, n) distance matrix is
+ * ever stored; forward and backward evaluate delta with the same code, so the survivors of both passes agree bitwise.
+ * The backward pass gets the dense dL/d(delta_s) = g^T x (one GEMM, torch) and accumulates the factors' gradients
+ *
+ *   M_0 = c * G * |delta| * keep / d_0,   M_1 = -c * G * |delta| * keep / d_1       (0 where d_p = 0)
+ *   dL/dB_p[o] = sum_i M_p[o, i] (B_p[o] - A_p[i]),   dL/dA_p[i] = sum_o M_p[o, i] (A_p[i] - B_p[o])
+ *
+ * in the same sweep that rebuilds W + delta_s for dL/dx. Rows are split between OpenMP threads; each thread sums its
+ * rows' dL/dA into its own (2, h, n) block of grad_at (added up at the end). */
+
+static void snell_sqrt(float *v, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(v + i, _mm256_sqrt_ps(_mm256_loadu_ps(v + i)));
+#endif
+    for (; i < n; i++) v[i] = sqrtf(v[i]);
+}
+
+static void snell_distances(const float *at, const float *b, int64_t o, int64_t m, int64_t n, int64_t h, float *d0,
+                            float *d1) {
+    /* d_p[i] = ||B_p[o] - A_p[i]|| for every i. */
+    const float *a0 = at, *a1 = at + h * n, *b0 = b + o * h, *b1 = b + (m + o) * h;
+    for (int64_t i = 0; i < n; i++) d0[i] = d1[i] = 0.0f;
+    for (int64_t k = 0; k < h; k++) {
+        const float u = b0[k], v = b1[k], *x0 = a0 + k * n, *x1 = a1 + k * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) {
+            float e0 = u - x0[i], e1 = v - x1[i];
+            d0[i] += e0 * e0;
+            d1[i] += e1 * e1;
+        }
+    }
+    snell_sqrt(d0, n);
+    snell_sqrt(d1, n);
+}
+
+int sparse_peft_snell_delta_f32(const float *at, const float *b, int64_t m, int64_t n, int64_t h, float scale,
+                                float *delta, int64_t threads) {
+    /* delta[o * n + i] = c * (d_0 - d_1). Returns nonzero when a thread could not allocate its buffers. */
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *d0 = malloc(2 * n * sizeof(float));
+        if (!d0) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < m; o++) {
+            if (!d0) continue;
+            float *d1 = d0 + n, *row = delta + o * n;
+            snell_distances(at, b, o, m, n, h, d0, d1);
+#pragma omp simd
+            for (int64_t i = 0; i < n; i++) row[i] = scale * (d0[i] - d1[i]);
+        }
+        free(d0);
+    }
+    return failed;
+}
+
+static inline uint32_t abs_bits(float v) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    return u & 0x7fffffffu; /* |v|: for non-negative floats the bit patterns sort as the values do */
+}
+
+float sparse_peft_kth_abs_f32(const float *v, int64_t count, int64_t k, int64_t threads) {
+    /* The k-th smallest |v[j]| (1 <= k <= count), exactly, by a three-pass radix select on the 31 bits of |v|
+       (11 + 11 + 9 bits); each pass counts the entries that share the prefix found so far. */
+    static const int shifts[3] = {20, 9, 0}, widths[3] = {11, 11, 9};
+    uint32_t prefix = 0, known = 0;
+    for (int pass = 0; pass < 3; pass++) {
+        const int shift = shifts[pass], bins = 1 << widths[pass];
+        int64_t hist[2048] = {0};
+#pragma omp parallel num_threads(threads)
+        {
+            int64_t local[2048] = {0};
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < count; j++) {
+                uint32_t u = abs_bits(v[j]);
+                if ((u & known) == prefix) local[(u >> shift) & (uint32_t)(bins - 1)]++;
+            }
+#pragma omp critical
+            for (int bin = 0; bin < bins; bin++) hist[bin] += local[bin];
+        }
+        int bin = 0;
+        while (bin < bins - 1 && k > hist[bin]) k -= hist[bin++];
+        prefix |= (uint32_t)bin << shift;
+        known |= (uint32_t)(bins - 1) << shift;
+    }
+    float out;
+    memcpy(&out, &prefix, sizeof out);
+    return out;
+}
+
+void sparse_peft_snell_apply_f32(const float *delta, float tau, const float *base, float *out, int64_t count,
+                                 int64_t threads) {
+    /* out = base + delta * |delta| * [|delta| > tau] (out may be base: a second term adds to the first). */
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t j = 0; j < count; j++) {
+        float d = delta[j], a = fabsf(d);
+        out[j] = base[j] + (a > tau ? d * a : 0.0f);
+    }
+}
+
+static void snell_factor_grads(const float *mp, const float *ap, const float *bp, int64_t n, int64_t h, float *gat,
+                               float *gb) {
+    /* One pair's contributions of row o: gb[k] = B[o][k] * sum_i M[i] - sum_i M[i] A[i][k];
+       gat[k][i] += M[i] * (A[i][k] - B[o][k]). */
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < n; i++) total += mp[i];
+    for (int64_t k = 0; k < h; k++) {
+        const float bk = bp[k], *a = ap + k * n;
+        float *ga = gat + k * n, dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < n; i++) {
+            dot += mp[i] * a[i];
+            ga[i] += mp[i] * (a[i] - bk);
+        }
+        gb[k] = bk * total - dot;
+    }
+}
+
+int sparse_peft_snell_backward_f32(const float *grad, const float *at, const float *b, int64_t m, int64_t n,
+                                   int64_t h, float scale, float tau, const float *base, float *out, float *grad_at,
+                                   float *grad_b, int64_t threads) {
+    /* With grad (the dense (m, n) dL/d(delta_s)): grad_b = dL/dB (2, m, h) and grad_at = `threads` blocks of
+       (2, h, n), zeroed by the caller, summed here into the first: dL/dA transposed. With out: out = base + delta_s.
+       Either may be NULL. Returns nonzero when a thread could not allocate its buffers. */
+    int failed = 0;
+    int64_t used = 1, block = 2 * h * n;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int64_t tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        if (tid == 0) used = omp_get_num_threads();
+#endif
+        float *d0 = malloc(4 * n * sizeof(float)), *gat = grad_at ? grad_at + tid * block : NULL;
+        if (!d0) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < m; o++) {
+            if (!d0) continue;
+            float *d1 = d0 + n, *m0 = d0 + 2 * n, *m1 = d0 + 3 * n;
+            snell_distances(at, b, o, m, n, h, d0, d1);
+            const float *g = grad ? grad + o * n : NULL, *w = base ? base + o * n : NULL;
+            float *row = out ? out + o * n : NULL;
+#pragma omp simd
+            for (int64_t i = 0; i < n; i++) {
+                float d = scale * (d0[i] - d1[i]), a = fabsf(d);
+                int keep = a > tau;
+                if (row) row[i] = w[i] + (keep ? d * a : 0.0f);
+                if (g) {
+                    float gd = keep ? g[i] * a : 0.0f;
+                    m0[i] = d0[i] > 0.0f ? scale * gd / d0[i] : 0.0f;
+                    m1[i] = d1[i] > 0.0f ? -scale * gd / d1[i] : 0.0f;
+                }
+            }
+            if (!g) continue;
+            snell_factor_grads(m0, at, b + o * h, n, h, gat, grad_b + o * h);
+            snell_factor_grads(m1, at + h * n, b + (m + o) * h, n, h, gat + h * n, grad_b + (m + o) * h);
+        }
+        free(d0);
+    }
+    if (grad_at)
+        for (int64_t part = 1; part < used; part++)
+            for (int64_t e = 0; e < block; e++) grad_at[e] += grad_at[part * block + e];
+    return failed;
+}
+
+/* Sparse backward (few survivors): the survivors of each row in CSR order, so that dL/d(delta_s) is needed only at
+ * them (an SDDMM, section 2) instead of the dense g^T x. coef_p[e] = +-c * |delta| / d_p at survivor e (0 where
+ * d_p = 0), so that M_p[e] = G[e] * coef_p[e]. */
+
+int64_t sparse_peft_snell_count_f32(const float *at, const float *b, int64_t m, int64_t n, int64_t h, float scale,
+                                    float tau, int64_t *crow, int64_t threads) {
+    /* crow[o + 1] = survivors of row o, then the prefix sums (crow[0] = 0); returns the total, or -1 when a thread
+       could not allocate its buffers. */
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *d0 = malloc(2 * n * sizeof(float));
+        if (!d0) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < m; o++) {
+            if (!d0) continue;
+            float *d1 = d0 + n;
+            int64_t kept = 0;
+            snell_distances(at, b, o, m, n, h, d0, d1);
+#pragma omp simd reduction(+ : kept)
+            for (int64_t i = 0; i < n; i++) kept += fabsf(scale * (d0[i] - d1[i])) > tau;
+            crow[o + 1] = kept;
+        }
+        free(d0);
+    }
+    if (failed) return -1;
+    crow[0] = 0;
+    for (int64_t o = 0; o < m; o++) crow[o + 1] += crow[o];
+    return crow[m];
+}
+
+int sparse_peft_snell_fill_f32(const float *at, const float *b, int64_t m, int64_t n, int64_t h, float scale,
+                               float tau, const int64_t *crow, int64_t *col, float *coef0, float *coef1,
+                               const float *base, float *out, int64_t threads) {
+    /* The survivors' columns and coefficients in CSR order (crow from sparse_peft_snell_count_f32) and, with out,
+       out = base + delta_s. */
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *d0 = malloc(2 * n * sizeof(float));
+        if (!d0) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < m; o++) {
+            if (!d0) continue;
+            float *d1 = d0 + n, *row = out ? out + o * n : NULL;
+            const float *w = base ? base + o * n : NULL;
+            int64_t e = crow[o];
+            snell_distances(at, b, o, m, n, h, d0, d1);
+            for (int64_t i = 0; i < n; i++) {
+                float d = scale * (d0[i] - d1[i]), a = fabsf(d);
+                if (row) row[i] = w[i] + (a > tau ? d * a : 0.0f);
+                if (!(a > tau)) continue;
+                col[e] = i;
+                coef0[e] = d0[i] > 0.0f ? scale * a / d0[i] : 0.0f;
+                coef1[e] = d1[i] > 0.0f ? -scale * a / d1[i] : 0.0f;
+                e++;
+            }
+        }
+        free(d0);
+    }
+    return failed;
+}
+
+void sparse_peft_snell_sparse_grads_f32(const float *gk, const int64_t *crow, const int64_t *col, const float *coef0,
+                                        const float *coef1, const float *a, const float *b, int64_t m, int64_t n,
+                                        int64_t h, float *grad_a, float *grad_b, int64_t threads) {
+    /* a = (2, n, h) and b = (2, m, h) row-major; grad_b (2, m, h) written row by row; grad_a = `threads` blocks of
+       (2, n, h), zeroed by the caller, summed here into the first. */
+    int64_t used = 1, block = 2 * n * h;
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        if (tid == 0) used = omp_get_num_threads();
+#endif
+        float *ga = grad_a + tid * block;
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < m; o++) {
+            for (int p = 0; p < 2; p++) {
+                const float *bp = b + (p * m + o) * h, *coef = p ? coef1 : coef0;
+                const float *ap = a + p * n * h;
+                float *gb = grad_b + (p * m + o) * h, *gap = ga + p * n * h;
+                for (int64_t k = 0; k < h; k++) gb[k] = 0.0f;
+                for (int64_t e = crow[o]; e < crow[o + 1]; e++) {
+                    const float mv = gk[e] * coef[e], *ai = ap + col[e] * h;
+                    float *gai = gap + col[e] * h;
+                    for (int64_t k = 0; k < h; k++) {
+                        float diff = bp[k] - ai[k];
+                        gb[k] += mv * diff;
+                        gai[k] -= mv * diff;
+                    }
+                }
+            }
+        }
+    }
+    for (int64_t part = 1; part < used; part++)
+        for (int64_t e = 0; e < block; e++) grad_a[e] += grad_a[part * block + e];
 }

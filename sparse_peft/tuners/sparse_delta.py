@@ -14,14 +14,17 @@ Subclasses decide the budget ``k`` (:meth:`budget`) and the initial positions (:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ..sparse.delta import (
     DeltaTerm,
+    LowRank,
     SparsePattern,
     add_into,
     dense_delta,
@@ -202,30 +205,37 @@ class SparseDeltaLinear(SparseLayerBase):
         observer = self.gradient_observer(adapter_name) if self.training and torch.is_grad_enabled() else None
         return DeltaTerm(self.pattern(adapter_name), n_trainable, observer), values
 
-    def _delta_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``base(x) + x · Σ_a ΔW_aᵀ`` over the active adapters.
+    def _delta_forward(
+        self, x: torch.Tensor, *args: Any, low_rank: Sequence[LowRank] = (), **kwargs: Any
+    ) -> torch.Tensor:
+        """``base(x) + x · Σ_a (s_a·B_a·A_a + ΔW_a)ᵀ`` over the active adapters and the given ``low_rank`` terms.
 
-        With gradients (training) or enough tokens this is one GEMM on ``W + Σ ΔW_a``
+        With gradients (training) or enough tokens this is one GEMM on ``W + Σ s·B·A + Σ ΔW_a``
         (:func:`~sparse_peft.sparse.delta.fused_sparse_linear`); a no-grad call on few tokens (decoding) runs the
-        base layer plus a CSR product instead (:func:`~sparse_peft.sparse.delta.prefer_fused` has the rule), and
-        so does a base whose weight was made trainable by hand (the fused path gives no gradient to ``W``).
+        base layer plus a CSR product (and each low-rank term as ``s·(x Aᵀ) Bᵀ``) instead
+        (:func:`~sparse_peft.sparse.delta.prefer_fused` has the rule), and so does a base whose weight was made
+        trainable by hand (the fused path gives no gradient to ``W``).
         """
         pairs = [pair for name in self.active_adapters if name in self.values and (pair := self.delta_term(name))]
-        if not pairs:
+        if not pairs and not low_rank:
             return self.base_layer(x, *args, **kwargs)
-        terms, values = zip(*pairs, strict=True)
-        grads = torch.is_grad_enabled() and (x.requires_grad or any(v.requires_grad for v in values))
+        terms, values = zip(*pairs, strict=True) if pairs else ((), ())
+        factors = [t for term in low_rank for t in (term.a, term.b)]
+        grads = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *values, *factors))
         tokens = x.numel() // max(x.shape[-1], 1)
         base = self.get_base_layer()
         frozen_base = not getattr(getattr(base, "weight", None), "requires_grad", False)
         fused = prefer_fused(tokens, grads)
         if fused and frozen_base and not args and not kwargs:
             bias = getattr(base, "bias", None)
-            return fused_sparse_linear(x, self.get_base_weight, bias, terms, values)
+            return fused_sparse_linear(x, self.get_base_weight, bias, terms, values, low_rank)
         result, _ = self._base_forward(x, *args, **kwargs)
         for term, vals in zip(terms, values, strict=True):
             delta = sparse_delta_matmul(x, vals, term.pattern, self.shape, term.n_trainable, term.observer)
             result = result + delta.to(result.dtype)
+        for term in low_rank:
+            a, b = term.a, term.b
+            result = result + (F.linear(F.linear(x.to(a.dtype), a), b) * term.scale).to(result.dtype)
         return result
 
     # ---- merge / unmerge ---------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -103,19 +103,47 @@ class LorsLinear(WeightRecomputeLayer):
     def apply_adapter(
         self, weight: torch.Tensor, base: torch.Tensor, config: LorsConfig, a: torch.Tensor, b: torch.Tensor
     ) -> torch.Tensor:
-        delta = (b @ a) * config.scaling
-        return weight + delta * (base != 0).to(delta.dtype)
+        """``(W' + s·B·A) ⊙ M`` for the weight ``W'`` so far (zero wherever ``W`` is, so it equals
+        ``W' + (s·B·A) ⊙ M``): one ``addmm`` and one masked fill, in the promoted dtype of ``W'`` and the factors."""
+        dtype = torch.promote_types(weight.dtype, b.dtype)
+        out = torch.addmm(weight.to(dtype), b.to(dtype), a.to(dtype), alpha=config.scaling)
+        return out.masked_fill_(base == 0, 0)
 
     def factor_grads(self, names: Sequence[str]) -> Optional[FactorGrads]:
+        """The exact masked gradient (:func:`_exact_masked`, one ``gᵀx`` shared by every pair) or the reference's
+        straight-through one (:func:`_straight_through`)."""
         configs = [self.adapter_configs[name] for name in names]
         if all(c.gradient == "exact" for c in configs):
-            return None
+            return functools.partial(_exact_masked, [c.scaling for c in configs], self.get_base_weight)
         if any(c.gradient == "exact" for c in configs):
             raise ValueError(
                 f"active LoRS adapters {list(names)} on {self.module_name} mix gradient='exact' and "
                 f"'straight_through'; activate them one at a time or give them the same gradient mode"
             )
         return functools.partial(_straight_through, [c.scaling for c in configs])
+
+
+def _exact_masked(
+    scales: Sequence[float],
+    base_fn: Callable[[], torch.Tensor],
+    g: torch.Tensor,
+    x: torch.Tensor,
+    *factors: torch.Tensor,
+) -> list[torch.Tensor]:
+    """The exact gradient of every ``(A, B)`` pair through ``W_eff = W + Σ_k (s_k·B_k·A_k) ⊙ M``:
+
+    ``G_M = (gᵀx) ⊙ M`` (one dense transient of this layer, masked in place), ``∂L/∂A_k = s_k·B_kᵀ G_M``,
+    ``∂L/∂B_k = s_k·G_M A_kᵀ``, in the promoted dtype of ``g`` and the factors (float32 for float32 factors under
+    autocast)."""
+    dtype = torch.promote_types(g.dtype, factors[0].dtype)
+    masked = g.to(dtype).t() @ x.to(dtype)
+    masked.masked_fill_(base_fn() == 0, 0)
+    grads: list[torch.Tensor] = []
+    for i, scale in enumerate(scales):
+        a, b = factors[2 * i].to(dtype), factors[2 * i + 1].to(dtype)
+        grads.append(scale * (b.t() @ masked))  # ∂L/∂A, r x in
+        grads.append(scale * (masked @ a.t()))  # ∂L/∂B, out x r
+    return grads
 
 
 def _straight_through(

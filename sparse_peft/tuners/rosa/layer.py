@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from ...sparse.delta import DeltaTerm, dense_delta, index_dtype
+from ...sparse.delta import DeltaTerm, LowRank, dense_delta, index_dtype
 from ...sparse.masks_file import read_mask
 from ...sparse.regrow import unwrap_optimizer
 from ...sparse.select import (
@@ -172,17 +172,23 @@ class RosaLinear(SparseDeltaLinear):
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``W x + (S x)`` on one GEMM (the shared entry-sparse path), plus the LoRA term ``s·B(A x)``."""
+        """``x (W + s·B·A + S)ᵀ`` on one GEMM (the shared entry-sparse path with the LoRA folded into ``W_eff``);
+        a LoRA with dropout in training runs as its own term ``s·B(A drop(x))`` beside it."""
         if self._adapters_off() or self.merged:
             return self.base_layer(x, *args, **kwargs)
         if self.training and torch.is_grad_enabled() and not calibrating():
             self._check_driven()
             self._samples = x.shape[0] if x.dim() > 2 else 1  # examples in this micro-batch (per-sample Fisher)
-        result = self._delta_forward(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name in self.adapter_configs and name in self.lora_A:
-                result = result + self._lora_term(name, x).to(result.dtype)
+        loras = [name for name in self.active_adapters if name in self.adapter_configs and name in self.lora_A]
+        dropped = [name for name in loras if self.training and self.adapter_configs[name].lora_dropout > 0]
+        folded = [self._low_rank(name) for name in loras if name not in dropped]
+        result = self._delta_forward(x, *args, low_rank=folded, **kwargs)
+        for name in dropped:
+            result = result + self._lora_term(name, x).to(result.dtype)
         return result
+
+    def _low_rank(self, name: str) -> LowRank:
+        return LowRank(self.lora_A[name], self.lora_B[name], self.adapter_configs[name].scaling)
 
     def _check_driven(self) -> None:
         """A training forward with a mask still to collect and no schedule driving it would train LoRA alone."""
