@@ -85,7 +85,8 @@ class Runner:
 
 @contextlib.contextmanager
 def cpu_kernel_switch(on: bool) -> Iterator[None]:
-    """Run with the compiled CPU kernels on (the default) or off (``torch.sparse.sampled_addmm`` and indexing ops)."""
+    """Run with the compiled CPU kernels on (the default) or off (``torch.sparse.sampled_addmm``, indexing ops and
+    SNELL's ``cdist`` / ``kthvalue`` / elementwise path)."""
     previous = os.environ.get(cpu_kernel.SWITCH_ENV_VAR)
     os.environ[cpu_kernel.SWITCH_ENV_VAR] = "1" if on else "0"
     try:
