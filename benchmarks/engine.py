@@ -28,8 +28,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, ShiraConfig, SupertuningConfig, get_peft_model
@@ -200,26 +201,49 @@ def markdown(rows: list[dict[str, object]], header: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=1024, help="rows of x (batch 8 x 128 tokens)")
-    parser.add_argument("--out", type=int, default=1536)
-    parser.add_argument("--in", dest="in_f", type=int, default=576)
-    parser.add_argument("--repeat", type=int, default=30)
+def table(header: str, columns: Sequence[tuple[str, Callable[[dict[str, Any]], str]]], rows: list[dict]) -> str:
+    """A Markdown table under ``header``: one ``(title, cell formatter)`` per column, one line per row."""
+    lines = [header, "", "| " + " | ".join(title for title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def bench_parser(doc: str, tokens: int, repeat: int, tokens_help: str) -> argparse.ArgumentParser:
+    """The flags of every one-layer microbenchmark here: ``--tokens``, ``--repeat``, ``--threads``, ``--write``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=tokens, help=tokens_help)
+    parser.add_argument("--repeat", type=int, default=repeat)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--write", default=None, help="also write the Markdown table to this file")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the flags and apply ``--threads``."""
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def publish(text: str, path: str | None) -> None:
+    """Print the table and, with ``--write``, write it atomically."""
+    print(text)
+    if path:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
+def main() -> None:
+    parser = bench_parser(__doc__, 1024, 30, "rows of x (batch 8 x 128 tokens)")
+    parser.add_argument("--out", type=int, default=1536)
+    parser.add_argument("--in", dest="in_f", type=int, default=576)
+    args = parse(parser)
     rows = run(args.out, args.in_f, args.tokens, args.repeat)
     header = (
         f"Shape {args.out}x{args.in_f} (S²FT columns: {args.in_f}x{args.out}), {args.tokens} tokens, float32, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeat} round-robin rounds."
     )
-    text = markdown(rows, header)
-    print(text)
-    if args.write:
-        atomic_write(args.write, lambda tmp: Path(tmp).write_text(text + "\n"))
+    publish(markdown(rows, header), args.write)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,12 @@ Compare ratios from one run, not absolute times across machines.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from engine import One, interleaved, saved_bytes, step
+from engine import One, bench_parser, interleaved, parse, publish, saved_bytes, step, table
 from peft import LoraConfig, get_peft_model
 from steps import cpu_kernel_switch
 from torch import nn
@@ -36,7 +34,6 @@ from torch import nn
 import sparse_peft.sparse.kernel_delta as kernel_delta
 from sparse_peft import RosaLinear, magnitude_prune
 from sparse_peft.pipeline import method_config
-from sparse_peft.sparse.io import atomic_write
 
 SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))
 
@@ -129,29 +126,20 @@ def run(tokens: int, repeat: int) -> list[dict[str, object]]:
 
 
 def markdown(rows: list[dict[str, object]], header: str) -> str:
-    lines = [
-        header,
-        "",
-        "| shape | layer | trainable | ms fwd+bwd | x frozen | x LoRA | saved for backward MiB |",
-        "|---|---|---|---|---|---|---|",
+    columns = [
+        ("shape", lambda r: str(r["shape"])),
+        ("layer", lambda r: str(r["layer"])),
+        ("trainable", lambda r: f"{r['trainable']:,}"),
+        ("ms fwd+bwd", lambda r: f"{r['seconds'] * 1e3:.2f}"),
+        ("x frozen", lambda r: f"{r['vs_frozen']:.2f}x"),
+        ("x LoRA", lambda r: f"{r['vs_lora']:.2f}x"),
+        ("saved for backward MiB", lambda r: f"{r['saved'] / 2**20:.2f}"),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['shape']} | {r['layer']} | {r['trainable']:,} | {r['seconds'] * 1e3:.2f} | {r['vs_frozen']:.2f}x "
-            f"| {r['vs_lora']:.2f}x | {r['saved'] / 2**20:.2f} |"
-        )
-    return "\n".join(lines)
+    return table(header, columns, rows)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=800, help="rows of x (batch 8 x 100 tokens)")
-    parser.add_argument("--repeat", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--write", default=None, help="also write the Markdown table to this file")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(bench_parser(__doc__, 800, 15, "rows of x (batch 8 x 100 tokens)"))
     torch.manual_seed(0)
     rows = run(args.tokens, args.repeat)
     header = (
@@ -159,10 +147,7 @@ def main() -> None:
         f"{args.repeat} round-robin rounds; main-job configs (RoSA r=8 + 2 %, SNELL r=16 at sparsity 0.9, LoRS "
         "r=16, SPP 16 groups)."
     )
-    text = markdown(rows, header)
-    print(text)
-    if args.write:
-        atomic_write(args.write, lambda tmp: Path(tmp).write_text(text + "\n"))
+    publish(markdown(rows, header), args.write)
 
 
 if __name__ == "__main__":

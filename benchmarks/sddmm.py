@@ -20,15 +20,11 @@ Compare ratios from one run, not absolute times across machines.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
-from engine import interleaved
+from engine import bench_parser, interleaved, parse, publish, table
 
 from sparse_peft.sparse import cpu_kernel
 from sparse_peft.sparse.delta import SparsePattern
-from sparse_peft.sparse.io import atomic_write
 
 SHAPES = {
     "q_proj / o_proj": (576, 576),
@@ -80,25 +76,21 @@ def run(tokens: int, chunks: list[int], repeat: int) -> list[dict[str, object]]:
 
 
 def markdown(rows: list[dict[str, object]], header: str) -> str:
-    lines = [header, "", "| matrix | entries | kernel | ms | speed-up | GMAC/s |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['matrix']} | {r['k']:,} | {r['kernel']} | {r['seconds'] * 1e3:.2f} | "
-            f"{r['speedup']:.2f}x | {r['gmacs']:.1f} |"
-        )
-    return "\n".join(lines)
+    columns = [
+        ("matrix", lambda r: str(r["matrix"])),
+        ("entries", lambda r: f"{r['k']:,}"),
+        ("kernel", lambda r: str(r["kernel"])),
+        ("ms", lambda r: f"{r['seconds'] * 1e3:.2f}"),
+        ("speed-up", lambda r: f"{r['speedup']:.2f}x"),
+        ("GMAC/s", lambda r: f"{r['gmacs']:.1f}"),
+    ]
+    return table(header, columns, rows)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=800, help="rows of g and x (the main job: batch 8, ~100 tokens)")
+    parser = bench_parser(__doc__, 800, 20, "rows of g and x (the main job: batch 8, ~100 tokens)")
     parser.add_argument("--chunks", default="64,128,256", help="token chunk sizes of the compiled kernel")
-    parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--write", default=None, help="also write the Markdown table to this file")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser)
     if not cpu_kernel.available():
         raise SystemExit("the compiled kernel is not available here (no C compiler, or SPARSE_PEFT_CPU_KERNEL=0)")
     rows = run(args.tokens, [int(c) for c in args.chunks.split(",")], args.repeat)
@@ -106,10 +98,7 @@ def main() -> None:
         f"{args.tokens} tokens, masks of (m + n)·16 entries, float32, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, median of {args.repeat} round-robin rounds."
     )
-    text = markdown(rows, header)
-    print(text)
-    if args.write:
-        atomic_write(args.write, lambda tmp: Path(tmp).write_text(text + "\n"))
+    publish(markdown(rows, header), args.write)
 
 
 if __name__ == "__main__":

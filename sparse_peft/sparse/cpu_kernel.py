@@ -288,11 +288,25 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+def _term(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """``(Aᵀ as (2, h, n), B as (2, m, h), m, n, h)``, contiguous and detached, for the C functions."""
+    at, b = a.detach().transpose(1, 2).contiguous(), b.detach().contiguous()
+    return at, b, b.shape[1], at.shape[2], b.shape[2]
+
+
+def _check_sum(name: str, base: Optional[torch.Tensor], out: Optional[torch.Tensor], shape: tuple[int, int]) -> None:
+    """``base`` and ``out`` come together, contiguous and of ``shape``."""
+    if (base is None) != (out is None):
+        raise ValueError(f"{name} needs both base and out, or neither")
+    for tensor in (base, out):
+        if tensor is not None and (tuple(tensor.shape) != shape or not tensor.is_contiguous()):
+            raise ValueError(f"{name} needs contiguous {shape} tensors, got {tuple(tensor.shape)}")
+
+
 def snell_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """``ΔW[o, i] = c·(‖B_0[o] − A_0[i]‖ − ‖B_1[o] − A_1[i]‖)``, ``(m, n)`` float32, for ``a``: ``(2, n, h)``, ``b``:
     ``(2, m, h)`` float32 CPU tensors (check :func:`snell_applies` first)."""
-    at, b = a.detach().transpose(1, 2).contiguous(), b.detach().contiguous()
-    (_, m, h), n = b.shape, at.shape[2]
+    at, b, m, n, h = _term(a, b)
     delta = torch.empty(m, n, dtype=torch.float32)
     if _library().sparse_peft_snell_delta_f32(
         at.data_ptr(), b.data_ptr(), m, n, h, scale, delta.data_ptr(), _threads()
@@ -330,13 +344,11 @@ def snell_backward(
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One term's ``(∂L/∂A, ∂L/∂B)`` from ``grad`` ``= ∂L/∂ΔW_s`` (``(m, n)``; ``None``: no factor gradients) and,
     with ``base`` and ``out``, ``out = base + ΔW_s`` in the same sweep (``out`` may be ``base``)."""
-    at, b = a.detach().transpose(1, 2).contiguous(), b.detach().contiguous()
-    (_, m, h), n, threads = b.shape, at.shape[2], _threads()
-    for tensor in (grad, base, out):
-        if tensor is not None and (tuple(tensor.shape) != (m, n) or not tensor.is_contiguous()):
-            raise ValueError(f"snell_backward needs contiguous ({m}, {n}) tensors, got {tuple(tensor.shape)}")
-    if (base is None) != (out is None):
-        raise ValueError("snell_backward needs both base and out, or neither")
+    at, b, m, n, h = _term(a, b)
+    threads = _threads()
+    _check_sum("snell_backward", base, out, (m, n))
+    if grad is not None and (tuple(grad.shape) != (m, n) or not grad.is_contiguous()):
+        raise ValueError(f"snell_backward needs a contiguous ({m}, {n}) gradient, got {tuple(grad.shape)}")
     grad_at = torch.zeros(threads, 2, h, n) if grad is not None else None
     grad_b = torch.empty(2, m, h) if grad is not None else None
     pointers = [0 if t is None else t.data_ptr() for t in (grad, at, b)]
@@ -359,10 +371,9 @@ def snell_survivors(
     """The survivors ``|ΔW| > τ`` of one term in CSR order: ``(crow, col, coef_0, coef_1)`` with ``coef_p =
     ±c·|ΔW| / d_p`` (so ``M_p = G·coef_p`` at the survivors) and, with ``base`` and ``out``, ``out = base + ΔW_s``
     in the same sweep."""
-    at, b = a.detach().transpose(1, 2).contiguous(), b.detach().contiguous()
-    (_, m, h), n, threads = b.shape, at.shape[2], _threads()
-    if (base is None) != (out is None):
-        raise ValueError("snell_survivors needs both base and out, or neither")
+    at, b, m, n, h = _term(a, b)
+    threads = _threads()
+    _check_sum("snell_survivors", base, out, (m, n))
     library = _library()
     crow = torch.empty(m + 1, dtype=torch.int64)
     total = library.sparse_peft_snell_count_f32(

@@ -243,25 +243,58 @@ static void snell_distances(const float *at, const float *b, int64_t o, int64_t 
     snell_sqrt(d1, n);
 }
 
-int sparse_peft_snell_delta_f32(const float *at, const float *b, int64_t m, int64_t n, int64_t h, float scale,
-                                float *delta, int64_t threads) {
-    /* delta[o * n + i] = c * (d_0 - d_1). Returns nonzero when a thread could not allocate its buffers. */
+/* Every function that needs a row's distances runs through snell_rows: rows split between the threads, each thread
+   with its own 2n-float distance buffer and `scratch` floats of its own. */
+typedef struct {
+    const float *at, *b;
+    int64_t m, n, h;
+    float scale, tau;
+} snell_term;
+
+typedef void (*snell_row_fn)(const snell_term *t, int64_t o, const float *d0, const float *d1, float *scratch,
+                             int64_t tid, void *ctx);
+
+static int snell_rows(const snell_term *t, int64_t scratch, int64_t threads, snell_row_fn fn, void *ctx,
+                      int64_t *used) {
+    /* fn(t, o, d_0, d_1, scratch, tid, ctx) for every row o; *used = the threads that ran. Returns nonzero when a
+       thread could not allocate its buffers. */
     int failed = 0;
+    int64_t ran = 1;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        float *d0 = malloc(2 * n * sizeof(float));
+        int64_t tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        if (tid == 0) ran = omp_get_num_threads();
+#endif
+        float *d0 = malloc((2 * t->n + scratch) * sizeof(float));
         if (!d0) failed = 1;
 #pragma omp for schedule(static)
-        for (int64_t o = 0; o < m; o++) {
+        for (int64_t o = 0; o < t->m; o++) {
             if (!d0) continue;
-            float *d1 = d0 + n, *row = delta + o * n;
-            snell_distances(at, b, o, m, n, h, d0, d1);
-#pragma omp simd
-            for (int64_t i = 0; i < n; i++) row[i] = scale * (d0[i] - d1[i]);
+            snell_distances(t->at, t->b, o, t->m, t->n, t->h, d0, d0 + t->n);
+            fn(t, o, d0, d0 + t->n, d0 + 2 * t->n, tid, ctx);
         }
         free(d0);
     }
+    if (used) *used = ran;
     return failed;
+}
+
+static void delta_row(const snell_term *t, int64_t o, const float *d0, const float *d1, float *scratch, int64_t tid,
+                      void *ctx) {
+    float *row = (float *)ctx + o * t->n;
+    const float scale = t->scale;
+    (void)scratch, (void)tid;
+#pragma omp simd
+    for (int64_t i = 0; i < t->n; i++) row[i] = scale * (d0[i] - d1[i]);
+}
+
+int sparse_peft_snell_delta_f32(const float *at, const float *b, int64_t m, int64_t n, int64_t h, float scale,
+                                float *delta, int64_t threads) {
+    /* delta[o * n + i] = c * (d_0 - d_1). Returns nonzero when a thread could not allocate its buffers. */
+    snell_term t = {at, b, m, n, h, scale, 0.0f};
+    return snell_rows(&t, 0, threads, delta_row, delta, NULL);
 }
 
 static inline uint32_t abs_bits(float v) {
@@ -328,47 +361,45 @@ static void snell_factor_grads(const float *mp, const float *ap, const float *bp
     }
 }
 
+typedef struct {
+    const float *grad, *base;
+    float *out, *grad_at, *grad_b;
+} backward_ctx;
+
+static void backward_row(const snell_term *t, int64_t o, const float *d0, const float *d1, float *scratch,
+                         int64_t tid, void *ctx) {
+    const backward_ctx *c = ctx;
+    const int64_t n = t->n, h = t->h;
+    const float scale = t->scale, tau = t->tau;
+    const float *g = c->grad ? c->grad + o * n : NULL, *w = c->base ? c->base + o * n : NULL;
+    float *row = c->out ? c->out + o * n : NULL, *m0 = scratch, *m1 = scratch + n;
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        float d = scale * (d0[i] - d1[i]), a = fabsf(d);
+        int keep = a > tau;
+        if (row) row[i] = w[i] + (keep ? d * a : 0.0f);
+        if (g) {
+            float gd = keep ? g[i] * a : 0.0f;
+            m0[i] = d0[i] > 0.0f ? scale * gd / d0[i] : 0.0f;
+            m1[i] = d1[i] > 0.0f ? -scale * gd / d1[i] : 0.0f;
+        }
+    }
+    if (!g) return;
+    float *gat = c->grad_at + tid * 2 * h * n;
+    snell_factor_grads(m0, t->at, t->b + o * h, n, h, gat, c->grad_b + o * h);
+    snell_factor_grads(m1, t->at + h * n, t->b + (t->m + o) * h, n, h, gat + h * n, c->grad_b + (t->m + o) * h);
+}
+
 int sparse_peft_snell_backward_f32(const float *grad, const float *at, const float *b, int64_t m, int64_t n,
                                    int64_t h, float scale, float tau, const float *base, float *out, float *grad_at,
                                    float *grad_b, int64_t threads) {
     /* With grad (the dense (m, n) dL/d(delta_s)): grad_b = dL/dB (2, m, h) and grad_at = `threads` blocks of
        (2, h, n), zeroed by the caller, summed here into the first: dL/dA transposed. With out: out = base + delta_s.
        Either may be NULL. Returns nonzero when a thread could not allocate its buffers. */
-    int failed = 0;
+    snell_term t = {at, b, m, n, h, scale, tau};
+    backward_ctx c = {grad, base, out, grad_at, grad_b};
     int64_t used = 1, block = 2 * h * n;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        int64_t tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        if (tid == 0) used = omp_get_num_threads();
-#endif
-        float *d0 = malloc(4 * n * sizeof(float)), *gat = grad_at ? grad_at + tid * block : NULL;
-        if (!d0) failed = 1;
-#pragma omp for schedule(static)
-        for (int64_t o = 0; o < m; o++) {
-            if (!d0) continue;
-            float *d1 = d0 + n, *m0 = d0 + 2 * n, *m1 = d0 + 3 * n;
-            snell_distances(at, b, o, m, n, h, d0, d1);
-            const float *g = grad ? grad + o * n : NULL, *w = base ? base + o * n : NULL;
-            float *row = out ? out + o * n : NULL;
-#pragma omp simd
-            for (int64_t i = 0; i < n; i++) {
-                float d = scale * (d0[i] - d1[i]), a = fabsf(d);
-                int keep = a > tau;
-                if (row) row[i] = w[i] + (keep ? d * a : 0.0f);
-                if (g) {
-                    float gd = keep ? g[i] * a : 0.0f;
-                    m0[i] = d0[i] > 0.0f ? scale * gd / d0[i] : 0.0f;
-                    m1[i] = d1[i] > 0.0f ? -scale * gd / d1[i] : 0.0f;
-                }
-            }
-            if (!g) continue;
-            snell_factor_grads(m0, at, b + o * h, n, h, gat, grad_b + o * h);
-            snell_factor_grads(m1, at + h * n, b + (m + o) * h, n, h, gat + h * n, grad_b + (m + o) * h);
-        }
-        free(d0);
-    }
+    int failed = snell_rows(&t, 2 * n, threads, backward_row, &c, &used);
     if (grad_at)
         for (int64_t part = 1; part < used; part++)
             for (int64_t e = 0; e < block; e++) grad_at[e] += grad_at[part * block + e];
@@ -379,31 +410,52 @@ int sparse_peft_snell_backward_f32(const float *grad, const float *at, const flo
  * them (an SDDMM, section 2) instead of the dense g^T x. coef_p[e] = +-c * |delta| / d_p at survivor e (0 where
  * d_p = 0), so that M_p[e] = G[e] * coef_p[e]. */
 
+static void count_row(const snell_term *t, int64_t o, const float *d0, const float *d1, float *scratch, int64_t tid,
+                      void *ctx) {
+    int64_t kept = 0;
+    const float scale = t->scale, tau = t->tau;
+    (void)scratch, (void)tid;
+#pragma omp simd reduction(+ : kept)
+    for (int64_t i = 0; i < t->n; i++) kept += fabsf(scale * (d0[i] - d1[i])) > tau;
+    ((int64_t *)ctx)[o + 1] = kept;
+}
+
 int64_t sparse_peft_snell_count_f32(const float *at, const float *b, int64_t m, int64_t n, int64_t h, float scale,
                                     float tau, int64_t *crow, int64_t threads) {
     /* crow[o + 1] = survivors of row o, then the prefix sums (crow[0] = 0); returns the total, or -1 when a thread
        could not allocate its buffers. */
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        float *d0 = malloc(2 * n * sizeof(float));
-        if (!d0) failed = 1;
-#pragma omp for schedule(static)
-        for (int64_t o = 0; o < m; o++) {
-            if (!d0) continue;
-            float *d1 = d0 + n;
-            int64_t kept = 0;
-            snell_distances(at, b, o, m, n, h, d0, d1);
-#pragma omp simd reduction(+ : kept)
-            for (int64_t i = 0; i < n; i++) kept += fabsf(scale * (d0[i] - d1[i])) > tau;
-            crow[o + 1] = kept;
-        }
-        free(d0);
-    }
-    if (failed) return -1;
+    snell_term t = {at, b, m, n, h, scale, tau};
+    if (snell_rows(&t, 0, threads, count_row, crow, NULL)) return -1;
     crow[0] = 0;
     for (int64_t o = 0; o < m; o++) crow[o + 1] += crow[o];
     return crow[m];
+}
+
+typedef struct {
+    const int64_t *crow;
+    int64_t *col;
+    float *coef0, *coef1;
+    const float *base;
+    float *out;
+} fill_ctx;
+
+static void fill_row(const snell_term *t, int64_t o, const float *d0, const float *d1, float *scratch, int64_t tid,
+                     void *ctx) {
+    const fill_ctx *c = ctx;
+    const float scale = t->scale, tau = t->tau;
+    float *row = c->out ? c->out + o * t->n : NULL;
+    const float *w = c->base ? c->base + o * t->n : NULL;
+    int64_t e = c->crow[o];
+    (void)scratch, (void)tid;
+    for (int64_t i = 0; i < t->n; i++) {
+        float d = scale * (d0[i] - d1[i]), a = fabsf(d);
+        if (row) row[i] = w[i] + (a > tau ? d * a : 0.0f);
+        if (!(a > tau)) continue;
+        c->col[e] = i;
+        c->coef0[e] = d0[i] > 0.0f ? scale * a / d0[i] : 0.0f;
+        c->coef1[e] = d1[i] > 0.0f ? -scale * a / d1[i] : 0.0f;
+        e++;
+    }
 }
 
 int sparse_peft_snell_fill_f32(const float *at, const float *b, int64_t m, int64_t n, int64_t h, float scale,
@@ -411,31 +463,9 @@ int sparse_peft_snell_fill_f32(const float *at, const float *b, int64_t m, int64
                                const float *base, float *out, int64_t threads) {
     /* The survivors' columns and coefficients in CSR order (crow from sparse_peft_snell_count_f32) and, with out,
        out = base + delta_s. */
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        float *d0 = malloc(2 * n * sizeof(float));
-        if (!d0) failed = 1;
-#pragma omp for schedule(static)
-        for (int64_t o = 0; o < m; o++) {
-            if (!d0) continue;
-            float *d1 = d0 + n, *row = out ? out + o * n : NULL;
-            const float *w = base ? base + o * n : NULL;
-            int64_t e = crow[o];
-            snell_distances(at, b, o, m, n, h, d0, d1);
-            for (int64_t i = 0; i < n; i++) {
-                float d = scale * (d0[i] - d1[i]), a = fabsf(d);
-                if (row) row[i] = w[i] + (a > tau ? d * a : 0.0f);
-                if (!(a > tau)) continue;
-                col[e] = i;
-                coef0[e] = d0[i] > 0.0f ? scale * a / d0[i] : 0.0f;
-                coef1[e] = d1[i] > 0.0f ? -scale * a / d1[i] : 0.0f;
-                e++;
-            }
-        }
-        free(d0);
-    }
-    return failed;
+    snell_term t = {at, b, m, n, h, scale, tau};
+    fill_ctx c = {crow, col, coef0, coef1, base, out};
+    return snell_rows(&t, 0, threads, fill_row, &c, NULL);
 }
 
 void sparse_peft_snell_sparse_grads_f32(const float *gk, const int64_t *crow, const int64_t *col, const float *coef0,
