@@ -19,6 +19,11 @@ past its LoRA warm-up and gradient collection (25 steps), diff pruning past its 
 target is its stage-3 step), SMT past its warm-up (21 steps). SpIEL's reselection windows stay in the timed rounds
 (the median is its ordinary step). LIFT's refreshes fall outside the median; ``benchmarks/refresh.py`` times them.
 SPP and LoRS run on the dense base here: their kernels are dense, so a 2:4 base costs the same.
+
+``--wall``: the whole schedule instead, from step 1 and without pre-roll (``--rounds`` 100 by default, the main job's
+steps): RoSA's LoRA-only warm-up, collection and mask selection, LIFT's refreshes, SpIEL's windows are all timed, and
+the table adds each method's total over every round (its training time without data loading or logging) and its
+ratio to LoRA's, interleaved so that the machine's drift (tens of percent over minutes here) hits every method alike.
 """
 
 from __future__ import annotations
@@ -113,7 +118,7 @@ def batches(tokenizer, n: int, batch_size: int, max_length: int, seed: int) -> l
     return out
 
 
-def table(runners: list[Runner], rounds: int, warmup: int, setting: str) -> str:
+def table(runners: list[Runner], rounds: int, warmup: int, setting: str, wall: bool = False) -> str:
     lora = statistics.median(next(r for r in runners if r.method == "lora").times)
     lines = [
         f"{setting}, float32, {torch.get_num_threads()} threads, "
@@ -128,6 +133,10 @@ def table(runners: list[Runner], rounds: int, warmup: int, setting: str) -> str:
         lines.append(
             f"| {runner.method} | {trainable:,} | {median:.2f} | {median / lora:.2f}x | {max(runner.times):.2f} |"
         )
+    if wall:
+        total = sum(next(r for r in runners if r.method == "lora").times)
+        lines += ["", "| method | total of the timed steps s | x LoRA |", "|---|---|---|"]
+        lines += [f"| {r.method} | {sum(r.times):.1f} | {sum(r.times) / total:.2f}x |" for r in runners]
     return "\n".join(lines)
 
 
@@ -135,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     methods = [*BASELINES, *sorted(sparse_peft.METHODS)]
     parser.add_argument("--methods", default=",".join(methods), help="comma-separated; lora is always included")
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds plus warm-up (default 12; --wall: 100)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first rounds")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
@@ -148,13 +157,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time every method but the baselines with the compiled CPU kernels switched off (torch's ops)",
     )
+    parser.add_argument(
+        "--wall",
+        action="store_true",
+        help="time the whole schedule from step 1 (no pre-roll, no warm-up, --rounds defaults to 100) and add each "
+        "method's total",
+    )
     args = parser.parse_args(argv)
+    if args.wall:
+        args.warmup = 0
+    args.rounds = args.rounds or (100 if args.wall else 12)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     chosen = ["lora", *[m for m in args.methods.split(",") if m and m != "lora"]]
     base, tokenizer = load_model_and_tokenizer(args.model)
-    preroll_max = max((PREROLL.get(m, 0) for m in chosen), default=0)
+    preroll = {} if args.wall else PREROLL
+    preroll_max = max((preroll.get(m, 0) for m in chosen), default=0)
     data = batches(tokenizer, preroll_max + args.rounds, args.batch_size, args.max_length, args.seed)
     runners = []
     variants = [(m, True) for m in chosen]
@@ -162,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         variants += [(m, False) for m in chosen if m not in BASELINES]
     for method, kernel in variants:
         runner = Runner(method, base, total_steps=100, kernel=kernel)
-        for i in range(PREROLL.get(method, 0)):
+        for i in range(preroll.get(method, 0)):
             runner.step(data[i])
         print(f"{runner.method}: ready after {runner.step_count} untimed steps", flush=True)
         runners.append(runner)
@@ -176,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {round_ + 1}/{args.rounds}: {timed}", flush=True)
     model_name = args.model or "SmolLM2-135M-Instruct"
     setting = f"{model_name}, batch {args.batch_size} of the built-in task (up to {args.max_length} tokens)"
-    text = table(runners, args.rounds, args.warmup, setting)
+    text = table(runners, args.rounds, args.warmup, setting, args.wall)
     print(text)
     if args.write:
         atomic_write(args.write, lambda tmp: Path(tmp).write_text(text + "\n"))
