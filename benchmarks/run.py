@@ -15,7 +15,10 @@ the eval set. ``--memory-batch-sizes`` adds a short run per row and extra batch 
 the memory above the loaded model per batch size: what grows with the batch (activations) and what does not
 (trainable state). This script collects the summaries into ``RESULTS/results.json``, a Markdown table with ratios to
 LoRA (its seed-0 row) measured in the same run, and PNG plots (quality vs trainable parameters, ratios to LoRA, every
-row's loss curve). Learning rates: each method's main-job default (``sparse_peft/defaults.py``); no per-method sweep is
+row's loss curve). ``--interleaved`` names tables of ``benchmarks/steps.py`` (methods timed step by step in turn in
+one process): the table shows their step and training-time ratios next to the rows' own, and the targets use them,
+since rows trained one after another on this machine differ by its drift (tens of percent over minutes) as much as
+by their method. Learning rates: each method's main-job default (``sparse_peft/defaults.py``); no per-method sweep is
 run (``benchmarks/sweep.py`` runs those). SPP and LoRS fine-tune a 2:4-pruned copy of the model (``--prune 2:4``), and
 so does the ``lora_pruned`` row (PEFT's LoRA on the same pruned base), which is their quality reference.
 """
@@ -50,6 +53,9 @@ EQUAL_SUFFIX = "@lora_budget"
 SEED_MARK = "#seed"
 MEMORY_MARK = "@mem"
 AT_BATCH = "memory_above_frozen_bytes_at_batch"
+# ratios to LoRA from benchmarks/steps.py (methods interleaved step by step), keyed by its table's header
+INTERLEAVED = {"step s (median)": "step", "total of the timed steps s": "wall"}
+INTERLEAVED_KEY = {"step": "median_step_seconds_vs_lora", "wall": "train_seconds_vs_lora"}
 
 Rows = dict[str, dict[str, Any]]
 
@@ -222,6 +228,38 @@ def ratios(rows: Rows) -> None:
                 row[f"{key}_vs_lora"] = row[key] / lora[key]
 
 
+def read_interleaved(path: Path) -> dict[str, dict[str, float]]:
+    """The ratios to LoRA in a table written by ``benchmarks/steps.py --write``: ``{method: {"step": x, "wall":
+    y}}``, "step" from its table of median steps, "wall" from its ``--wall`` table of totals."""
+    found: dict[str, dict[str, float]] = {}
+    kind, column = None, None
+    for line in path.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if cells and cells[0] == "method":
+            kind = next((INTERLEAVED[c] for c in cells if c in INTERLEAVED), None)
+            column = cells.index("x LoRA") if "x LoRA" in cells else None
+        elif not cells:
+            kind, column = None, None
+        elif kind and column is not None and not set(cells[0]) <= set("-") and cells[column].endswith("x"):
+            found.setdefault(cells[0], {})[kind] = float(cells[column][:-1])
+    if not found:
+        raise ValueError(f"{path}: no table of benchmarks/steps.py (a '| method | ... | x LoRA |' header) found")
+    return found
+
+
+def attach_interleaved(rows: Rows, paths: Sequence[Path]) -> None:
+    """Give each default-config seed-0 row the step / wall-time ratios measured interleaved by ``steps.py`` (later
+    files win), as ``interleaved = {"step": {"ratio", "source"}, ...}``: the targets take these ratios, since
+    ``run.py``'s rows train one after another while this machine's speed drifts by tens of percent."""
+    for path in paths:
+        for method, measured in read_interleaved(path).items():
+            row = rows.get(method)
+            if row is None or method == "lora":
+                continue
+            for kind, ratio in measured.items():
+                row.setdefault("interleaved", {})[kind] = {"ratio": ratio, "source": path.name}
+
+
 # ---- quality over seeds ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Quality:
@@ -286,10 +324,17 @@ def _exact_match(rows: Rows, label: str) -> str:
     return f"{_fmt(before, 'pct')} → {quality(rows, label) or '-'}"
 
 
+def _interleaved(row: dict[str, Any], kind: str) -> float | None:
+    return ((row.get("interleaved") or {}).get(kind) or {}).get("ratio")
+
+
 def table(rows: Rows) -> str:
-    """One line per row; a row's extra seeds are folded into its exact-match cell (seed mean and per-seed values)."""
+    """One line per row; a row's extra seeds are folded into its exact-match cell (seed mean and per-seed values).
+    The "interleaved" columns are the ratios of ``--interleaved`` (``steps.py``: methods timed step by step in turn),
+    those of record; the rows' own ratios compare runs made minutes or hours apart."""
     header = (
-        "| method | trainable | exact match before → after | step s | step vs LoRA | train s | train vs LoRA "
+        "| method | trainable | exact match before → after | step s | step vs LoRA | interleaved | train s "
+        "| train vs LoRA | interleaved "
         "| peak RSS MiB | above frozen MiB "
         "| memory vs LoRA | optimizer state MiB | adapter MiB | stored MiB | load s | load vs LoRA |"
     )
@@ -299,7 +344,9 @@ def table(rows: Rows) -> str:
         lines.append(
             f"| {method} | {_fmt(r.get('trainable_parameters'))} | {_exact_match(rows, method)} "
             f"| {_fmt(r.get('median_step_seconds'), 's')} | {_fmt(r.get('median_step_seconds_vs_lora'), 'x')} "
+            f"| {_fmt(_interleaved(r, 'step'), 'x')} "
             f"| {_fmt(r.get('train_seconds'), 's')} | {_fmt(r.get('train_seconds_vs_lora'), 'x')} "
+            f"| {_fmt(_interleaved(r, 'wall'), 'x')} "
             f"| {_fmt(r.get('peak_rss_bytes'), 'mb')} | {_fmt(r.get('memory_above_frozen_bytes'), 'mb')} "
             f"| {_fmt(r.get('memory_above_frozen_bytes_vs_lora'), 'x')} | {_fmt(r.get('optimizer_state_bytes'), 'mb')} "
             f"| {_fmt(r.get('adapter_bytes'), 'mb')} | {_fmt(expected_adapter_bytes(r), 'mb')} "
@@ -375,7 +422,15 @@ def _verdict(ok: bool | None, text: str) -> str:
 
 
 def _ratio_target(row: dict[str, Any], key: str, limit: float, label: str) -> str:
+    """``row[key] ≤ limit``; for a step or wall-time ratio, the one measured interleaved when the row has it (its own
+    row's ratio then follows in brackets)."""
+    kind = next((k for k, name in INTERLEAVED_KEY.items() if name == key), None)
+    interleaved = (row.get("interleaved") or {}).get(kind) if kind else None
     value = row.get(key)
+    if interleaved is not None:
+        own = f"; this row's own {value:.2f}x" if value is not None else ""
+        text = f"{label} {interleaved['ratio']:.2f}x interleaved ({interleaved['source']}{own}; target ≤ {limit:g}x)"
+        return _verdict(interleaved["ratio"] <= limit, text)
     if value is None:
         return _verdict(None, f"{label} not measured")
     return _verdict(value <= limit, f"{label} {value:.2f}x (target ≤ {limit:g}x)")
@@ -610,6 +665,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "B adds a short <row>@mem<B> run per row (no evaluation, no reload check)",
     )
     parser.add_argument("--memory-steps", type=int, default=5, help="steps of the @mem<B> runs (default: 5)")
+    parser.add_argument(
+        "--interleaved",
+        default="",
+        help="comma-separated tables of benchmarks/steps.py --write: the targets take their step (and, from a --wall "
+        "table, training-time) ratios to LoRA instead of the rows' own, which train at different times",
+    )
     args = parser.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 100)
     args.n_eval = args.n_eval if args.n_eval is not None else (10 if args.quick else 100)
@@ -618,6 +679,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--seeds must include 0 (the <method> rows train with seed 0)")
     args.seed_methods = [m for m in args.seed_methods.split(",") if m]
     args.memory_batch_sizes = args.memory_batch_sizes or [args.batch_size]
+    args.interleaved = [Path(p) for p in args.interleaved.split(",") if p]
+    for path in args.interleaved:
+        if not path.is_file():
+            parser.error(f"--interleaved: {path} is not a file (write one with benchmarks/steps.py --write)")
     return args
 
 
@@ -636,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     memory = collect(extra, args, out)
     attach_memory(rows, memory, args.batch_size)
     ratios(rows)
+    attach_interleaved(rows, args.interleaved)
     started["wall_seconds"] = round(time.perf_counter() - start, 1)
     started["row_commits"] = {label: row.get("library_commit") for label, row in {**rows, **memory}.items()}
     results = {"settings": vars(args), "machine": started, "results": rows}

@@ -299,6 +299,55 @@ def test_targets_use_seed_means_and_state_the_noise():
     assert "53% vs LoRA 54.0%" in smt
 
 
+STEPS_TABLES = """SmolLM2-135M-Instruct, batch 8, float32, 2 threads, median of 100 round-robin rounds.
+
+| method | trainable | step s (median) | x LoRA | slowest timed step s |
+|---|---|---|---|---|
+| lora | 4,884,480 | 3.71 | 1.00x | 8.63 |
+| lift | 4,884,480 | 3.50 | 0.94x | 8.86 |
+| smt | 2,949,120 | 2.92 | 0.74x | 3.25 |
+
+| method | total of the timed steps s | x LoRA |
+|---|---|---|
+| lora | 383.3 | 1.00x |
+| lift | 452.3 | 1.18x |
+"""
+
+
+def test_read_interleaved_takes_steps_tables(tmp_path):
+    path = tmp_path / "steps.md"
+    path.write_text(STEPS_TABLES)
+    found = run.read_interleaved(path)
+    assert found == {"lora": {"step": 1.0, "wall": 1.0}, "lift": {"step": 0.94, "wall": 1.18}, "smt": {"step": 0.74}}
+    (tmp_path / "other.md").write_text("| method | accuracy |\n|---|---|\n| lora | 54% |\n")
+    with pytest.raises(ValueError, match="no table of benchmarks/steps.py"):
+        run.read_interleaved(tmp_path / "other.md")
+
+
+def test_targets_take_the_interleaved_ratios(tmp_path):
+    path = tmp_path / "steps-final.md"
+    path.write_text(STEPS_TABLES)
+    rows = synthetic_rows()
+    run.ratios(rows)
+    run.attach_interleaved(rows, [path])
+    assert "interleaved" not in rows["lora"] and "interleaved" not in rows["smt@lora_budget"]  # other configs
+    text = run.targets(rows)
+    step = next(line for line in text.splitlines() if line.startswith("| lift | step ≤ 1.05x LoRA"))
+    assert "met: step 0.94x interleaved (steps-final.md; this row's own 1.50x; target ≤ 1.05x)" in step
+    wall = next(line for line in text.splitlines() if line.startswith("| lift | training wall time"))
+    assert "**missed**: training wall time 1.18x interleaved (steps-final.md; this row's own 1.00x" in wall
+    spiel = next(line for line in text.splitlines() if line.startswith("| spiel | step ≤ 1.05x LoRA"))
+    assert "interleaved" not in spiel  # not in the file: its own row's ratio
+    lift_line = next(line for line in run.table(rows).splitlines() if line.startswith("| lift |"))
+    assert "| 1.50x | 0.94x |" in lift_line and "| 1.00x | 1.18x |" in lift_line
+
+
+def test_interleaved_option_must_name_files(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(["--interleaved", str(tmp_path / "missing.md")])
+    assert "is not a file (write one with benchmarks/steps.py --write)" in capsys.readouterr().err
+
+
 def test_report_puts_the_memory_table_between_table_and_targets():
     rows = synthetic_rows()
     run.attach_memory(rows, {"lora@mem16": summary("lora", None, memory=3400 * MiB)}, main_batch=8)
