@@ -552,17 +552,28 @@ def accuracy_plot(rows: Rows, path: Path) -> Path:
     return path
 
 
+def _step_ratio(row: dict[str, Any]) -> tuple[float | None, bool]:
+    """The row's step ratio to LoRA: the interleaved one when ``--interleaved`` measured it (True), else its own."""
+    interleaved = _interleaved(row, "step")
+    return (interleaved, True) if interleaved is not None else (row.get("median_step_seconds_vs_lora"), False)
+
+
 def ratios_plot(rows: Rows, path: Path) -> Path:
-    """Step time and memory above the loaded model as ratios to LoRA, one bar per row (seed 0)."""
+    """Step time and memory above the loaded model as ratios to LoRA, one bar per row (seed 0); the step bars of
+    rows timed interleaved (``--interleaved``) are drawn dark, those of the rows' own runs light."""
     plt = _pyplot()
-    keys = [("median_step_seconds_vs_lora", "step time / LoRA"), ("memory_above_frozen_bytes_vs_lora", "memory / LoRA")]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for axis, (key, label) in zip(axes, keys, strict=True):
-        names = [m for m in main_labels(rows) if rows[m].get(key) is not None]
-        axis.bar(names, [rows[m][key] for m in names])
+    step = {m: _step_ratio(rows[m]) for m in main_labels(rows)}
+    memory = {m: (rows[m].get("memory_above_frozen_bytes_vs_lora"), False) for m in main_labels(rows)}
+    for axis, values, label in ((axes[0], step, "step time / LoRA"), (axes[1], memory, "memory / LoRA")):
+        names = [m for m, (value, _) in values.items() if value is not None]
+        colours = ["tab:blue" if values[m][1] or axis is axes[1] else "lightsteelblue" for m in names]
+        axis.bar(names, [values[m][0] for m in names], color=colours)
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_ylabel(label)
         axis.tick_params(axis="x", rotation=45)
+    if any(interleaved for _, interleaved in step.values()):
+        axes[0].set_title("dark: interleaved (steps.py); light: the row's own run", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -367,6 +367,17 @@ def test_plots_write_every_chart(tmp_path):
     assert [p.name for p in written] == ["accuracy_vs_params.png", "ratios_vs_lora.png"]
 
 
+def test_step_ratio_prefers_the_interleaved_one(tmp_path):
+    path = tmp_path / "steps.md"
+    path.write_text(STEPS_TABLES)
+    rows = synthetic_rows()
+    run.ratios(rows)
+    run.attach_interleaved(rows, [path])
+    assert run._step_ratio(rows["lift"]) == (0.94, True)
+    assert run._step_ratio(rows["spiel"]) == (1.0, False)
+    assert run.ratios_plot(rows, tmp_path / "ratios.png").stat().st_size > 1000
+
+
 def test_loss_curves_draw_every_row_and_dash_the_extra_seeds(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 
