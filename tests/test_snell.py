@@ -380,3 +380,25 @@ def test_compiled_and_torch_kernels_train_a_model_alike(monkeypatch):
     assert torch.allclose(loss, loss_torch, rtol=1e-5)
     for got, want in zip(grads, grads_torch, strict=True):
         assert torch.allclose(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("kernels", [pytest.param(True, marks=needs_compiler), False])
+def test_output_grad_at_positions_is_the_dense_product_gathered(kernels, monkeypatch):
+    """``OutputGrad.at`` gives ``(gᵀx)[i, j]`` at CSR positions, by the SDDMM kernel or, with the kernels switched off
+    between forward and backward, gathered from the dense product."""
+    from sparse_peft.sparse.kernel_delta import OutputGrad
+
+    calls = []
+    if not kernels:
+        monkeypatch.setattr(cpu_kernel, "sddmm", lambda *args: calls.append(args) and None)
+    torch.manual_seed(0)
+    g, x = torch.randn(40, 7), torch.randn(40, 11)
+    mask = torch.rand(7, 11) < 0.3
+    mask[3] = False  # an empty row
+    csr = mask.float().to_sparse_csr()
+    crow, col = csr.crow_indices().long(), csr.col_indices().long()
+    grad = OutputGrad(g, x)
+    found = grad.at(crow, col)
+    torch.testing.assert_close(found, (g.t() @ x)[mask], rtol=1e-5, atol=1e-5)
+    assert (grad._dense is None) == kernels  # the kernel's path never forms the dense product
+    assert len(calls) == (0 if kernels else 1)
