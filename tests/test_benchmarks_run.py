@@ -324,12 +324,18 @@ def test_read_interleaved_takes_steps_tables(tmp_path):
         run.read_interleaved(tmp_path / "other.md")
 
 
-def test_targets_take_the_interleaved_ratios(tmp_path):
+def rows_with_interleaved(tmp_path: Path) -> dict[str, dict]:
+    """The synthetic rows with their ratios and the interleaved ones of ``STEPS_TABLES`` (as ``steps-final.md``)."""
     path = tmp_path / "steps-final.md"
     path.write_text(STEPS_TABLES)
     rows = synthetic_rows()
     run.ratios(rows)
     run.attach_interleaved(rows, [path])
+    return rows
+
+
+def test_targets_take_the_interleaved_ratios(tmp_path):
+    rows = rows_with_interleaved(tmp_path)
     assert "interleaved" not in rows["lora"] and "interleaved" not in rows["smt@lora_budget"]  # other configs
     text = run.targets(rows)
     step = next(line for line in text.splitlines() if line.startswith("| lift | step ≤ 1.05x LoRA"))
@@ -368,11 +374,7 @@ def test_plots_write_every_chart(tmp_path):
 
 
 def test_step_ratio_prefers_the_interleaved_one(tmp_path):
-    path = tmp_path / "steps.md"
-    path.write_text(STEPS_TABLES)
-    rows = synthetic_rows()
-    run.ratios(rows)
-    run.attach_interleaved(rows, [path])
+    rows = rows_with_interleaved(tmp_path)
     assert run._step_ratio(rows["lift"]) == (0.94, True)
     assert run._step_ratio(rows["spiel"]) == (1.0, False)
     assert run.ratios_plot(rows, tmp_path / "ratios.png").stat().st_size > 1000
