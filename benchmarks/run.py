@@ -254,7 +254,7 @@ def attach_interleaved(rows: Rows, paths: Sequence[Path]) -> None:
     for path in paths:
         for method, measured in read_interleaved(path).items():
             row = rows.get(method)
-            if row is None or method == "lora":
+            if row is None:
                 continue
             for kind, ratio in measured.items():
                 row.setdefault("interleaved", {})[kind] = {"ratio": ratio, "source": path.name}
