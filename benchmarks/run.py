@@ -519,6 +519,19 @@ def _pyplot() -> Any:
     return plt
 
 
+def label_heights(points: Sequence[tuple[str, float, float]], gap: float) -> dict[str, float]:
+    """Heights for the labels of ``(label, x, y)`` points so that labels of points at about the same x (within a
+    factor 1.4) stand at least ``gap`` apart: in each such group, from the lowest point up, each label at its point's
+    y or just above the label below it."""
+    heights: dict[str, float] = {}
+    placed: list[tuple[float, float]] = []  # (x, label height) of the labels placed so far
+    for label, x, y in sorted(points, key=lambda point: point[2]):
+        below = [h for px, h in placed if max(px, x) / min(px, x) < 1.4 and h > y - gap]
+        heights[label] = max([y, *(h + gap for h in below)])
+        placed.append((x, heights[label]))
+    return heights
+
+
 def accuracy_plot(rows: Rows, path: Path) -> Path:
     """Seed-mean exact match against trainable parameters (per-seed values as small hollow marks); the peers
     (PEFT's LoRA, ShiRA and Super-Tuning, full FT, LoRA on the pruned base) as grey squares, sparse_peft's methods
@@ -526,7 +539,8 @@ def accuracy_plot(rows: Rows, path: Path) -> Path:
     from matplotlib.lines import Line2D
 
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = plt.subplots(figsize=(8, 6))
+    points = []
     for label in main_labels(rows):
         score, x = quality(rows, label), rows[label].get("trainable_parameters")
         if score is None or not x:
@@ -536,7 +550,11 @@ def accuracy_plot(rows: Rows, path: Path) -> Path:
         if len(score.values) > 1:
             seeds = [x] * len(score.values)
             axis.scatter(seeds, score.values, s=14, marker=marker, facecolors="none", edgecolors=color)
-        axis.annotate(label, (x, score.mean), fontsize=8)
+        points.append((label, x, score.mean))
+    heights = label_heights(points, gap=0.022 * max((y for _, _, y in points), default=1.0))
+    for label, x, y in points:  # labels right of their point, spread apart, with a thin line back to it
+        line = {"arrowstyle": "-", "color": "0.6", "linewidth": 0.5}
+        axis.annotate(label, (x, y), xytext=(x * 1.15, heights[label]), fontsize=8, va="center", arrowprops=line)
     handles = [
         Line2D([], [], marker="s", color="tab:gray", linestyle="", label="peers: PEFT LoRA, ShiRA, Super-Tuning, full"),
         Line2D([], [], marker="o", color="tab:blue", linestyle="", label="sparse_peft methods"),

@@ -400,6 +400,13 @@ def test_loss_curves_draw_every_row_and_dash_the_extra_seeds(tmp_path, monkeypat
     assert len({run._hue(i) for i in range(20)}) == 20 and [run._hue(i) for i in range(3)] == [0, 2, 4]
 
 
+def test_label_heights_spread_labels_of_neighbouring_points():
+    points = [("a", 4.9e6, 0.50), ("b", 4.88e6, 0.505), ("c", 4.5e6, 0.51), ("far", 1.3e6, 0.505), ("low", 4.9e6, 0.1)]
+    heights = run.label_heights(points, gap=0.02)
+    assert heights["a"] == 0.50 and heights["low"] == 0.1 and heights["far"] == 0.505  # nothing below to avoid
+    assert heights["b"] == pytest.approx(0.52) and heights["c"] == pytest.approx(0.54)  # stacked above "a"
+
+
 def test_accuracy_plot_marks_the_peers(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 
