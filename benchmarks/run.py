@@ -53,9 +53,11 @@ EQUAL_SUFFIX = "@lora_budget"
 SEED_MARK = "#seed"
 MEMORY_MARK = "@mem"
 AT_BATCH = "memory_above_frozen_bytes_at_batch"
-# ratios to LoRA from benchmarks/steps.py (methods interleaved step by step), keyed by its table's header
-INTERLEAVED = {"step s (median)": "step", "total of the timed steps s": "wall"}
-INTERLEAVED_KEY = {"step": "median_step_seconds_vs_lora", "wall": "train_seconds_vs_lora"}
+# the columns of benchmarks/steps.py's tables (it writes its headers with these): ratios to LoRA of methods timed
+# step by step in turn, the median step ("step") and, with --wall, the total of every step ("wall")
+STEP_COLUMN, WALL_COLUMN, RATIO_COLUMN = "step s (median)", "total of the timed steps s", "x LoRA"
+INTERLEAVED = {STEP_COLUMN: "step", WALL_COLUMN: "wall"}
+INTERLEAVED_KIND = {"median_step_seconds_vs_lora": "step", "train_seconds_vs_lora": "wall"}  # the row's own ratio
 
 Rows = dict[str, dict[str, Any]]
 
@@ -237,13 +239,14 @@ def read_interleaved(path: Path) -> dict[str, dict[str, float]]:
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")] if line.startswith("|") else []
         if cells and cells[0] == "method":
             kind = next((INTERLEAVED[c] for c in cells if c in INTERLEAVED), None)
-            column = cells.index("x LoRA") if "x LoRA" in cells else None
+            column = cells.index(RATIO_COLUMN) if RATIO_COLUMN in cells else None
         elif not cells:
             kind, column = None, None
         elif kind and column is not None and not set(cells[0]) <= set("-") and cells[column].endswith("x"):
             found.setdefault(cells[0], {})[kind] = float(cells[column][:-1])
     if not found:
-        raise ValueError(f"{path}: no table of benchmarks/steps.py (a '| method | ... | x LoRA |' header) found")
+        header = f"'| method | ... | {RATIO_COLUMN} |'"
+        raise ValueError(f"{path}: no table of benchmarks/steps.py (a {header} header) found")
     return found
 
 
@@ -424,8 +427,7 @@ def _verdict(ok: bool | None, text: str) -> str:
 def _ratio_target(row: dict[str, Any], key: str, limit: float, label: str) -> str:
     """``row[key] ≤ limit``; for a step or wall-time ratio, the one measured interleaved when the row has it (its own
     row's ratio then follows in brackets)."""
-    kind = next((k for k, name in INTERLEAVED_KEY.items() if name == key), None)
-    interleaved = (row.get("interleaved") or {}).get(kind) if kind else None
+    interleaved = (row.get("interleaved") or {}).get(INTERLEAVED_KIND.get(key))
     value = row.get(key)
     if interleaved is not None:
         own = f"; this row's own {value:.2f}x" if value is not None else ""
@@ -582,10 +584,10 @@ def ratios_plot(rows: Rows, path: Path) -> Path:
     plt = _pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     step = {m: _step_ratio(rows[m]) for m in main_labels(rows)}
-    memory = {m: (rows[m].get("memory_above_frozen_bytes_vs_lora"), False) for m in main_labels(rows)}
+    memory = {m: (rows[m].get("memory_above_frozen_bytes_vs_lora"), True) for m in main_labels(rows)}
     for axis, values, label in ((axes[0], step, "step time / LoRA"), (axes[1], memory, "memory / LoRA")):
         names = [m for m, (value, _) in values.items() if value is not None]
-        colours = ["tab:blue" if values[m][1] or axis is axes[1] else "lightsteelblue" for m in names]
+        colours = ["tab:blue" if values[m][1] else "lightsteelblue" for m in names]
         axis.bar(names, [values[m][0] for m in names], color=colours)
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_ylabel(label)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
+from run import RATIO_COLUMN, STEP_COLUMN, WALL_COLUMN  # the columns run.py --interleaved reads
 
 import sparse_peft
 from sparse_peft.callbacks import ScheduleContext, before_optimizer_step, begin_step, refresh_masks
@@ -124,7 +125,7 @@ def table(runners: list[Runner], rounds: int, warmup: int, setting: str, wall: b
         f"{setting}, float32, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, median of {rounds - warmup} round-robin rounds after {warmup} warm-up rounds.",
         "",
-        "| method | trainable | step s (median) | x LoRA | slowest timed step s |",
+        f"| method | trainable | {STEP_COLUMN} | {RATIO_COLUMN} | slowest timed step s |",
         "|---|---|---|---|---|",
     ]
     for runner in runners:
@@ -135,7 +136,7 @@ def table(runners: list[Runner], rounds: int, warmup: int, setting: str, wall: b
         )
     if wall:
         total = sum(next(r for r in runners if r.method == "lora").times)
-        lines += ["", "| method | total of the timed steps s | x LoRA |", "|---|---|---|"]
+        lines += ["", f"| method | {WALL_COLUMN} | {RATIO_COLUMN} |", "|---|---|---|"]
         lines += [f"| {r.method} | {sum(r.times):.1f} | {sum(r.times) / total:.2f}x |" for r in runners]
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import REPO
 
 
@@ -332,6 +333,25 @@ def rows_with_interleaved(tmp_path: Path) -> dict[str, dict]:
     run.ratios(rows)
     run.attach_interleaved(rows, [path])
     return rows
+
+
+def test_read_interleaved_reads_what_steps_py_writes(tmp_path, monkeypatch):
+    """The tables of ``benchmarks/steps.py`` (its own ``table``, on runners with made-up times) parse back."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("benchmarks_steps", REPO / "benchmarks" / "steps.py")
+    steps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(steps)
+    model = torch.nn.Linear(2, 2)
+    runners = [
+        SimpleNamespace(method="lora", times=[4.0, 4.0, 4.4], model=model),
+        SimpleNamespace(method="lift", times=[3.6, 3.6, 8.0], model=model),
+    ]
+    path = tmp_path / "steps.md"
+    path.write_text(steps.table(runners, rounds=3, warmup=0, setting="tiny", wall=True))
+    assert run.read_interleaved(path) == {
+        "lora": {"step": 1.0, "wall": 1.0},
+        "lift": {"step": 0.9, "wall": 1.23},
+    }  # 15.2 / 12.4 s
 
 
 def test_targets_take_the_interleaved_ratios(tmp_path):
